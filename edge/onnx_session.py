@@ -1,0 +1,48 @@
+"""One place that creates onnxruntime sessions, so thread counts, providers and memory options are uniform.
+
+Why a helper: every part (vision, audio, TTS) must honour the same thread split and provider choice, and
+issue-level tuning (arena, memory pattern, providers) should change in one spot.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("edge.onnx")
+
+# Provider preference, best first; CPU is always the fallback (onnxruntime documents these names).
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider")
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """Attributes:
+    intra_op_threads: threads inside one operator (0 = onnxruntime's default, all cores).
+    providers: execution providers to try in order; None = `PREFERRED_PROVIDERS` filtered by availability.
+    enable_cpu_mem_arena: onnxruntime's CPU arena trades resident memory for fewer allocations.
+    """
+
+    intra_op_threads: int = 0
+    providers: tuple[str, ...] | None = None
+    enable_cpu_mem_arena: bool = True
+
+
+def make_session(path: str | Path, options: OrtOptions | None = None):
+    import onnxruntime as ort
+
+    options = options or OrtOptions()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = 1
+    so.enable_cpu_mem_arena = options.enable_cpu_mem_arena
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    available = set(ort.get_available_providers())
+    wanted = options.providers or PREFERRED_PROVIDERS
+    providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    if options.providers and providers != list(options.providers):
+        log.warning("requested providers %s, available %s: using %s", options.providers, sorted(available), providers)
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    log.info("onnxruntime %s: providers %s", Path(path).name, sess.get_providers())
+    return sess

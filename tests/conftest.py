@@ -1,0 +1,59 @@
+"""Shared fixtures: the golden fixture from ../shared/golden (skip on a user's clone, fail in CI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# `.ci/run` sets this so that a missing fixture fails the run instead of skipping the conformance tests.
+REQUIRE_GOLDEN_ENV = "EDGE_REQUIRE_GOLDEN"
+GOLDEN_DIR = Path(os.environ.get("EDGE_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _golden_or_skip() -> Path:
+    if (GOLDEN_DIR / "reference.npz").is_file():
+        return GOLDEN_DIR
+    msg = (f"golden fixture not found at {GOLDEN_DIR} (it lives in ../shared/golden next to the checkout; "
+           "set EDGE_GOLDEN_DIR to point elsewhere)")
+    if os.environ.get(REQUIRE_GOLDEN_ENV):
+        pytest.fail(msg + f"; {REQUIRE_GOLDEN_ENV} is set, so this is an error")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return _golden_or_skip()
+
+
+@pytest.fixture(scope="session")
+def golden_ref(golden_dir):
+    with np.load(golden_dir / "reference.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def golden_ckpt(golden_dir):
+    from converters.checkpoint import Checkpoint
+
+    return Checkpoint.open(golden_dir / "ckpt")
+
+
+def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
+    """max|out - ref| / max|ref|: the golden README's tolerance measure."""
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))

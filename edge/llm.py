@@ -358,10 +358,8 @@ class LLM:
                 self.last_finish_reason = "context"
                 return
             logits, hidden = self._step(tok, want_hidden=want_hidden)
-            yield TokenEvent(tok, decoder.decode(self.token_bytes(tok)), hidden)
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield TokenEvent(-1, tail)
+            last = step == max_new_tokens - 1 or self.n_past >= self.n_ctx
+            yield TokenEvent(tok, decoder.decode(self.token_bytes(tok), final=last), hidden)
 
     def _step(self, tok: int, *, want_hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         with self._lock:

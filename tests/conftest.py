@@ -57,3 +57,34 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+@pytest.fixture(scope="session")
+def golden_gguf(golden_ckpt, tmp_path_factory):
+    """Factory: the golden checkpoint's LLM as GGUF at a given quantisation (built once per session)."""
+    from converters import llm_gguf
+
+    built: dict[str, Path] = {}
+
+    def get(quant: str = "f32") -> Path:
+        if quant not in built:
+            out = tmp_path_factory.mktemp(f"gguf-{quant}")
+            llm_gguf.export(golden_ckpt, out, quant=quant, progress=False)
+            built[quant] = out / "llm.gguf"
+        return built[quant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def qwen2_reference(golden_ckpt):
+    """transformers' Qwen2ForCausalLM loaded with the same `llm.*` weights (float32, eager attention)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    keys_ = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "rope_theta", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"]
+    cfg = transformers.Qwen2Config(**{k: golden_ckpt.config[k] for k in keys_}, attn_implementation="eager")
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    sd = {k[len("llm."):]: torch.from_numpy(golden_ckpt.f32(k).copy()) for k in golden_ckpt.names("llm.")}
+    model.load_state_dict(sd, strict=True)
+    return model

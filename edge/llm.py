@@ -123,8 +123,8 @@ class LLM:
             raise CorruptModelFileError(f"llama.cpp could not load {self.path}; see its log above.", str(self.path))
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = o.n_ctx
-        cp.n_batch = o.n_batch
-        cp.n_ubatch = o.n_batch
+        cp.n_batch = min(o.n_batch, o.n_ctx)
+        cp.n_ubatch = cp.n_batch
         cp.n_seq_max = 1
         import os
 
@@ -140,7 +140,8 @@ class LLM:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={o.n_ctx}); try a smaller n_ctx.")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))  # llama.cpp may round the request up
+        self.n_batch = int(llama_cpp.llama_n_batch(self._ctx))  # ... and clamp the batch to it
         self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._history: list[object] = []  # one key per cached position (token id or embedding-row key)
@@ -255,7 +256,7 @@ class LLM:
     def _chunks(self, lo: int, hi: int, hidden_set: set[int]) -> Iterator[tuple[int, int]]:
         """[c0, c1) decode ranges of at most n_batch positions; each requested hidden position is its own chunk."""
         marks = [q for p in hidden_set for q in (p, p + 1) if lo < q < hi]
-        cuts = sorted({lo, hi, *range(lo, hi, self.options.n_batch), *marks})
+        cuts = sorted({lo, hi, *range(lo, hi, self.n_batch), *marks})
         return zip(cuts[:-1], cuts[1:])
 
     def prefill(self, segments: Sequence[Segment], *, logits: str = "last", hidden_positions: Sequence[int] = (),

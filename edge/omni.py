@@ -1,0 +1,353 @@
+"""`Omni`: the loaded model and its chat API, shaped like the official `MiniCPMO.chat()`.
+
+Data flows one way: content -> media loaders -> preprocessors -> ONNX encoders -> embeddings -> LLM (llama.cpp)
+-> tokens -> (TTS -> audio). The introspection methods (`preprocess_image`, `encode_image`, `audio_features`,
+`encode_audio`, `build_prompt`, `prefill_logits`, `inputs_embeds`, TTS helpers) expose each stage so that
+tests, benchmarks and curious users can compare any stage with the official implementation.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edge import keys
+from edge.bundle import Bundle
+from edge.errors import InvalidInputError
+from edge.llm import LLM, LLMOptions
+from edge.onnx_session import OrtOptions
+from edge.prompt import Media, Message, Prompt, PromptBuilder
+from edge.sampling import SamplingOptions
+
+AUDIO_SAMPLE_RATE = 16000  # what the Whisper encoder takes (spec §2.3)
+# Official `chat(sampling=False)` is beam search (3 beams, repetition penalty 1.2, spec §10). We decode greedily
+# with that penalty: same spirit (deterministic), a fraction of the cost on a CPU. Documented, not hidden.
+GREEDY_REPETITION_PENALTY = 1.2
+
+
+@dataclass(frozen=True)
+class OmniOptions:
+    """Attributes:
+    llm: llama.cpp settings (context, threads, KV type, flash attention).
+    ort: onnxruntime settings shared by the vision, audio and TTS sessions.
+    vision_variant, audio_variant, tts_variant: "fp32" or "int8" ONNX graphs.
+    """
+
+    llm: LLMOptions = field(default_factory=LLMOptions)
+    ort: OrtOptions = field(default_factory=OrtOptions)
+    vision_variant: str = "fp32"
+    audio_variant: str = "fp32"
+    tts_variant: str = "fp32"
+
+
+@dataclass
+class ChatResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    spk_embed: np.ndarray | None = None
+    audio: np.ndarray | None = None
+    sampling_rate: int | None = None
+
+
+def _is_audio(x) -> bool:
+    return isinstance(x, np.ndarray) and x.ndim == 1
+
+
+class Omni:
+    """A bundle loaded for chat. One conversation at a time (a lock serialises calls)."""
+
+    def __init__(self, bundle: Bundle, options: OmniOptions | None = None):
+        self.bundle = bundle
+        self.options = options or OmniOptions()
+        self.llm = LLM(bundle.file(keys.PART_LLM, "model"), self.options.llm)
+        self.special = dict(bundle.special_tokens)
+        self.prompts = PromptBuilder(self.llm, self.special)
+        self._vision = None
+        self._audio = None
+        self._tts = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def load(cls, bundle: str | Path | Bundle, options: OmniOptions | None = None) -> "Omni":
+        return cls(bundle if isinstance(bundle, Bundle) else Bundle.load(bundle), options)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.bundle.random_weights
+
+    # --- lazily created encoders (a text-only chat never loads them) ---------------------------------------------
+    @property
+    def vision(self):
+        if self._vision is None:
+            from edge.vision import VisionEncoder
+
+            self._vision = VisionEncoder(self.bundle, variant=self.options.vision_variant, ort=self.options.ort)
+        return self._vision
+
+    @property
+    def audio(self):
+        if self._audio is None:
+            from edge.audio_encoder import AudioEncoder
+
+            self._audio = AudioEncoder(self.bundle, variant=self.options.audio_variant, ort=self.options.ort)
+        return self._audio
+
+    # --- stage by stage --------------------------------------------------------------------------------------------
+    def preprocess_image(self, image, max_slice_nums: int | None = None, *, use_image_id: bool = True,
+                         image_idx: int = 0):
+        from edge.image_preprocess import SliceOptions, preprocess_image
+        from edge.io.images import load_image
+
+        opts = SliceOptions(use_image_id=use_image_id,
+                            **({"max_slice_nums": max_slice_nums} if max_slice_nums is not None else {}))
+        return preprocess_image(load_image(image), opts, image_idx=image_idx)
+
+    def encode_image(self, image, max_slice_nums: int | None = None) -> np.ndarray:
+        """(n_slices, 64, hidden) embeddings of one image."""
+        pre = image if hasattr(image, "tgt_sizes") else self.preprocess_image(image, max_slice_nums)
+        return self.vision(pre)
+
+    def audio_features(self, wave, sr: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
+        """Whisper log-mel (80, frames) of the first 30-s piece (what the official processor computes)."""
+        from edge.audio_features import log_mel_pieces
+
+        pieces = log_mel_pieces(self._wave16k(wave, sr))
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
+
+    def encode_audio(self, wave, sr: int = AUDIO_SAMPLE_RATE, chunked: bool = True) -> np.ndarray:
+        """(n_tokens, hidden) embeddings of a wave (25 per second)."""
+        return self.audio.encode_audio(self._wave16k(wave, sr), chunked=chunked)
+
+    @staticmethod
+    def _wave16k(wave, sr: int) -> np.ndarray:
+        from edge.io.audio import load_audio
+
+        if isinstance(wave, np.ndarray):
+            return load_audio((wave, sr))
+        return load_audio(wave)
+
+    # --- prompt ------------------------------------------------------------------------------------------------
+    def _content_parts(self, content, counters: dict, max_slice_nums, use_image_id, chunk_input) -> list:
+        from edge.audio_encoder import audio_placeholder
+
+        items = content if isinstance(content, (list, tuple)) else [content]
+        parts: list = []
+        for item in items:
+            kind, value = self._classify(item)
+            if kind == "text":
+                parts.append(value)
+            elif kind == "image":
+                pre = self.preprocess_image(value, max_slice_nums, use_image_id=use_image_id,
+                                            image_idx=counters["image"])
+                counters["image"] += 1
+                parts.append(Media("image", pre.placeholder, pre))
+            elif kind == "audio":
+                wave = self._wave16k(*value) if isinstance(value, tuple) else self._wave16k(value, AUDIO_SAMPLE_RATE)
+                counters["audio"] += 1
+                parts.append(Media("audio", audio_placeholder(len(wave), chunked=chunk_input),
+                                   {"wave": wave, "chunked": chunk_input}))
+            elif kind == "video":
+                from edge.io.video import read_video_frames
+
+                for frame in read_video_frames(value).frames:
+                    pre = self.preprocess_image(frame, 1, use_image_id=False)
+                    parts.append(Media("image", pre.placeholder, pre))
+        return parts
+
+    @staticmethod
+    def _classify(item):
+        """(kind, value) of one content item: str, PIL.Image, 1-D numpy (16 kHz audio), HxWx3 numpy (image),
+        or an OpenAI/official-style dict {"type": "text"|"image"|"audio"|"video", ...}."""
+        if isinstance(item, str):
+            return "text", item
+        if isinstance(item, dict):
+            t = item.get("type")
+            if t == "text":
+                return "text", item.get("text", "")
+            if t in ("image", "video"):
+                return t, item.get(t)
+            if t == "audio":
+                a = item.get("audio")
+                return "audio", (a, int(item.get("sample_rate", AUDIO_SAMPLE_RATE))) if isinstance(a, np.ndarray) \
+                    else a
+            raise InvalidInputError(f"unknown content part type {t!r}; use text, image, audio or video.")
+        if _is_audio(item):
+            return "audio", (item, AUDIO_SAMPLE_RATE)
+        if isinstance(item, np.ndarray) and item.ndim == 3:
+            return "image", item
+        if hasattr(item, "convert") and hasattr(item, "size"):  # PIL.Image without importing PIL here
+            return "image", item
+        if isinstance(item, (bytes, Path)):
+            suffix = Path(item).suffix.lower() if isinstance(item, Path) else ""
+            if suffix in (".wav", ".flac", ".ogg", ".mp3"):
+                return "audio", item
+            if suffix in (".mp4", ".avi", ".mov", ".mkv", ".webm"):
+                return "video", item
+            return "image", item
+        raise InvalidInputError(
+            f"cannot use a {type(item).__name__} as message content: pass text, a PIL image, a 16 kHz float "
+            "numpy array (audio) or a dict like {'type': 'image', 'image': 'photo.jpg'}.")
+
+    def build_prompt(self, msgs: Sequence[dict], *, max_slice_nums: int | None = None,
+                     use_image_id: bool | None = None, chunk_input: bool = True, omni_input: bool = False,
+                     use_tts_template: bool = False, add_generation_prompt: bool = True) -> Prompt:
+        """Exactly what `chat()` feeds the LLM: prompt text, ids, image/audio spans, speaker bounds, media."""
+        if not msgs:
+            raise InvalidInputError("msgs is empty: pass at least one {'role': 'user', 'content': ...} message.")
+        if msgs[0].get("role") not in ("user", "system"):
+            raise InvalidInputError("the first message must have role 'user' or 'system' (as the official chat()).")
+        counters = {"image": 0, "audio": 0}
+        messages = []
+        for m in msgs:
+            role = m.get("role")
+            if role not in ("user", "assistant", "system"):
+                raise InvalidInputError(f"message role must be user, assistant or system, got {role!r}.")
+            parts = self._content_parts(m.get("content", ""), counters, max_slice_nums,
+                                        True if use_image_id is None else use_image_id, chunk_input)
+            messages.append(Message(role, tuple(parts)))
+        # Any audio in the conversation switches chat() to the TTS template (spec §10).
+        tts_template = use_tts_template or counters["audio"] > 0
+        return self.prompts.build(messages, tts_template=tts_template, add_generation_prompt=add_generation_prompt,
+                                  omni_input=omni_input)
+
+    def media_embeddings(self, prompt: Prompt) -> list[np.ndarray]:
+        """One (n_tokens, hidden) array per Media of the prompt, in prompt order."""
+        out = []
+        for media in prompt.media:
+            if media.kind == "image":
+                out.append(self.vision(media.payload).reshape(-1, self.llm.n_embd))
+            else:
+                out.append(self.audio.encode_audio(media.payload["wave"], chunked=media.payload["chunked"]))
+        return out
+
+    def segments(self, prompt: Prompt) -> list:
+        """LLM input: token-id runs between media spans, and the media embeddings poured into the spans."""
+        embeds = self.media_embeddings(prompt)
+        used = [0] * len(embeds)
+        segs: list = []
+        pos = 0
+        for span in prompt.spans:
+            if span.start > pos:
+                segs.append(prompt.ids[pos:span.start])
+            e = embeds[span.media_index]
+            n = span.end - span.start
+            block = e[used[span.media_index]:used[span.media_index] + n]
+            if block.shape[0] != n:
+                raise RuntimeError(f"{span.kind} #{span.media_index}: {e.shape[0]} embeddings for "
+                                   f"{sum(s.end - s.start for s in prompt.spans if s.media_index == span.media_index)}"
+                                   " placeholder tokens")
+            used[span.media_index] += n
+            segs.append(np.ascontiguousarray(block, dtype=np.float32))
+            pos = span.end
+        if pos < len(prompt.ids):
+            segs.append(prompt.ids[pos:])
+        return segs
+
+    def inputs_embeds(self, msgs, **chat_kwargs) -> np.ndarray:
+        """(S, hidden) LLM input embeddings (token embeddings with media written in), as `get_vllm_embedding`
+        + `get_omni_embedding` build them. Reads the token table from the GGUF (dequantized if needed)."""
+        prompt = self.build_prompt(msgs, **chat_kwargs)
+        table = self._token_table()
+        rows = [np.asarray(s, dtype=np.float32) if isinstance(s, np.ndarray) else table[list(s)]
+                for s in self.segments(prompt)]
+        return np.concatenate(rows)
+
+    def _token_table(self) -> np.ndarray:
+        if getattr(self, "_table", None) is None:
+            import gguf
+
+            r = gguf.GGUFReader(str(self.bundle.file(keys.PART_LLM, "model")))
+            t = next(t for t in r.tensors if t.name == "token_embd.weight")
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+            self._table = np.asarray(data, dtype=np.float32).reshape(-1, self.llm.n_embd)
+        return self._table
+
+    def prefill_logits(self, msgs, *, all_positions: bool = False, **chat_kwargs) -> np.ndarray:
+        """Logits of the prefill `chat()` runs: the last position (or every position with all_positions)."""
+        with self._lock:
+            prompt = self.build_prompt(msgs, **chat_kwargs)
+            self.llm.reset()
+            logits, _ = self.llm.prefill(self.segments(prompt), logits="all" if all_positions else "last")
+            return logits
+
+    # --- chat ----------------------------------------------------------------------------------------------------
+    def stop_ids(self) -> list[int]:
+        return [self.special[t] for t in keys.TERMINATORS if t in self.special]
+
+    def chat(self, msgs, *, sampling: bool = True, max_new_tokens: int = 2048, min_new_tokens: int = 0,
+             stream: bool = False, generate_audio: bool = False, output_audio_path: str | None = None,
+             max_slice_nums: int | None = None, use_image_id: bool | None = None, chunk_input: bool = True,
+             omni_input: bool = False, use_tts_template: bool = False, return_dict: bool = False,
+             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+             repetition_penalty: float | None = None, seed: int | None = None):
+        """The official `chat()` contract: returns the reply text (or a generator of text pieces with
+        stream=True, or a ChatResult with return_dict / generate_audio). Sampling defaults are the official
+        ones (top-p 0.8, top-k 100, temperature 0.7, repetition penalty 1.05); sampling=False decodes greedily
+        with repetition penalty 1.2 (the official code uses 3-beam search there)."""
+        if sampling:
+            base = SamplingOptions(seed=seed)
+        else:
+            base = SamplingOptions(temperature=0.0, top_p=1.0, top_k=0,
+                                   repetition_penalty=GREEDY_REPETITION_PENALTY, greedy=True, seed=seed)
+        overrides = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k,
+                                             repetition_penalty=repetition_penalty).items() if v is not None}
+        opts = SamplingOptions(**{**vars(base), **overrides})
+        use_tts = use_tts_template or generate_audio
+        gen = self._chat_stream(msgs, opts, max_new_tokens, min_new_tokens, generate_audio, output_audio_path,
+                                dict(max_slice_nums=max_slice_nums, use_image_id=use_image_id,
+                                     chunk_input=chunk_input, omni_input=omni_input, use_tts_template=use_tts))
+        if stream and not (generate_audio or return_dict):
+            return (piece for piece in gen if isinstance(piece, str))
+        result = None
+        for piece in gen:
+            if isinstance(piece, ChatResult):
+                result = piece
+        return result if (return_dict or generate_audio) else result.text
+
+    def _chat_stream(self, msgs, opts, max_new_tokens, min_new_tokens, generate_audio, output_audio_path,
+                     prompt_kwargs) -> Iterator[str | ChatResult]:
+        with self._lock:
+            prompt = self.build_prompt(msgs, **prompt_kwargs)
+            want_spk = [b[0] for b in prompt.spk_bounds][-1:] if generate_audio else []
+            last, hidden = self.llm.prefill(self.segments(prompt), hidden_positions=want_spk)
+            tokens, text = [], []
+            for ev in self.llm.generate(last, opts, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                        stop_ids=self.stop_ids()):
+                if ev.token in self.stop_ids():
+                    break
+                tokens.append(ev.token)
+                if ev.text:
+                    text.append(ev.text)
+                    yield ev.text
+            result = ChatResult("".join(text), tokens, self.llm.last_finish_reason)
+            if generate_audio:
+                spk = hidden[want_spk[0]] if want_spk else None
+                result.spk_embed = spk
+                result.audio, result.sampling_rate = self.speak(result.text, spk)
+                if output_audio_path:
+                    from edge.io.speaker import write_wav
+
+                    write_wav(output_audio_path, result.audio, result.sampling_rate)
+            yield result
+
+    def speak(self, text: str, spk_embed: np.ndarray | None):
+        """Text -> 24 kHz speech with the TTS part (speaker from the LLM's `<|spk|>` hidden state)."""
+        from edge.tts.generate import synthesize
+
+        return synthesize(self.tts, text, spk_embed)
+
+    @property
+    def tts(self):
+        if self._tts is None:
+            from edge.tts.generate import TTS
+
+            self._tts = TTS(self.bundle, variant=self.options.tts_variant, ort=self.options.ort)
+        return self._tts
+
+    def close(self) -> None:
+        self.llm.close()

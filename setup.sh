@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up MiniCPM-o Edge in ./.venv on a fresh machine.
+#   bash setup.sh          runtime + converter (the converter builds the built-in default bundle on first use)
+#   bash setup.sh --dev    the same plus the test tools
+# llama-cpp-python has no Linux binary wheel on PyPI: pip compiles it (about 7-10 minutes on 2 cores, once;
+# pip caches the wheel). For Metal/CUDA builds set CMAKE_ARGS first (see README, "Hardware").
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+extras="convert"
+[ "${1:-}" = "--dev" ] && extras="convert,dev"
+
+# sounddevice needs the PortAudio library; Debian/Ubuntu/Raspberry Pi OS package: libportaudio2.
+if ! ldconfig -p 2>/dev/null | grep -q libportaudio; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -qq libportaudio2 >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libportaudio2; }) \
+      || echo "note: could not install libportaudio2; microphone/speaker need it (import edge works without)."
+  else
+    echo "note: install PortAudio for microphone/speaker: sudo apt-get install libportaudio2 (macOS: brew install portaudio)"
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch==2.13.0 is pinned in the convert extra; install it first so nothing pulls a different (CUDA) build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[${extras}]"
+echo "MiniCPM-o Edge installed in .venv ($(.venv/bin/python -c 'import edge; print(edge.__version__)'))"

@@ -225,9 +225,10 @@ class Omni:
                 out.append(self.audio.encode_audio(media.payload["wave"], chunked=media.payload["chunked"]))
         return out
 
-    def segments(self, prompt: Prompt) -> list:
-        """LLM input: token-id runs between media spans, and the media embeddings poured into the spans."""
-        embeds = self.media_embeddings(prompt)
+    def segments(self, prompt: Prompt, embeds: list[np.ndarray] | None = None) -> list:
+        """LLM input: token-id runs between media spans, and the media embeddings (computed here unless given)
+        poured into the spans in order (an audio's chunks fill its consecutive spans)."""
+        embeds = self.media_embeddings(prompt) if embeds is None else embeds
         used = [0] * len(embeds)
         segs: list = []
         pos = 0

@@ -1,0 +1,135 @@
+"""The main job: an image and a spoken question in, a text and spoken answer out, with a latency breakdown.
+
+Runs offline. Without a converted real bundle it uses the built-in random-weights bundle: the words are noise,
+but every stage (slicing, SigLIP, Whisper, llama.cpp prefill/decode, TTS, vocoder) runs for real and is timed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEMO_QUESTION_SECONDS = 2.0
+DEMO_IMAGE_SIZE = (896, 560)  # W, H: sliced into a grid like a phone photo would be
+DEMO_MAX_NEW_TOKENS = 48
+RANDOM_WEIGHTS_NOTICE = ("NOTE: this bundle has RANDOM weights (synthetic checkpoint). Its words and speech are "
+                         "noise; what it shows is the pipeline and its speed. Real weights: `minicpmo-edge pull`.")
+
+
+def demo_image():
+    """A drawn scene (sky, sun, house, grass): no file needed, same pixels every run."""
+    from PIL import Image, ImageDraw
+
+    w, h = DEMO_IMAGE_SIZE
+    img = Image.new("RGB", (w, h))
+    d = ImageDraw.Draw(img)
+    for y in range(h):
+        t = y / h
+        d.line([(0, y), (w, y)], fill=(int(90 + 100 * t), int(150 + 80 * t), 255 - int(40 * t)))
+    d.rectangle([0, int(h * 0.7), w, h], fill=(60, 160, 70))
+    d.ellipse([w * 0.75, h * 0.08, w * 0.9, h * 0.32], fill=(255, 220, 60))
+    d.rectangle([w * 0.2, h * 0.42, w * 0.45, h * 0.75], fill=(200, 80, 60))
+    d.polygon([(w * 0.17, h * 0.42), (w * 0.325, h * 0.22), (w * 0.48, h * 0.42)], fill=(120, 50, 40))
+    return img
+
+
+def demo_question(sr: int = 16000) -> np.ndarray:
+    """A voiced, speech-like 2-s signal (glottal pulse train through vowel formants), standing in for a spoken
+    question when no microphone or file is given."""
+    n = int(DEMO_QUESTION_SECONDS * sr)
+    t = np.arange(n) / sr
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    src = np.sign(np.sin(phase)) * 0.3
+    out = np.zeros(n)
+    for formant, bw in ((700, 80), (1200, 90), (2600, 120)):
+        r = np.exp(-np.pi * bw / sr)
+        a1, a2 = -2 * r * np.cos(2 * np.pi * formant / sr), r * r
+        y = np.zeros(n)
+        for i in range(2, n):
+            y[i] = src[i] - a1 * y[i - 1] - a2 * y[i - 2]
+        out += y
+    env = np.clip(np.sin(np.pi * t / DEMO_QUESTION_SECONDS) * 3, 0, 1)
+    out *= env / (np.abs(out).max() + 1e-9) * 0.5
+    return out.astype(np.float32)
+
+
+@dataclass
+class Timings:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+    def report(self) -> str:
+        return "\n".join(f"  {k:28s} {v * 1000:9.1f} ms" for k, v in self.stages.items())
+
+
+def run_demo(bundle=None, *, speak: bool = True, output_audio: str | Path = "demo-reply.wav", threads: int = 0,
+             image=None, audio=None, question: str = "What is in the picture? Answer the spoken question too.") -> dict:
+    from edge.default_bundle import resolve_bundle
+    from edge.llm import LLMOptions
+    from edge.omni import Omni, OmniOptions
+    from edge.onnx_session import OrtOptions
+    from edge.sampling import SamplingOptions
+
+    tm = Timings()
+    t0 = time.perf_counter()
+    b = resolve_bundle(bundle)
+    opts = OmniOptions(llm=LLMOptions(n_threads=threads), ort=OrtOptions(intra_op_threads=threads))
+    omni = Omni.load(b, opts)
+    tm.add("load bundle", time.perf_counter() - t0)
+    print(f"bundle: {b.root} ({b.source.get('name')})")
+    if omni.random_weights:
+        print(RANDOM_WEIGHTS_NOTICE)
+    img = image if image is not None else demo_image()
+    wav = audio if audio is not None else demo_question()
+    msgs = [{"role": "user", "content": [img, wav, question]}]
+
+    t = time.perf_counter()
+    prompt = omni.build_prompt(msgs, use_tts_template=speak)
+    tm.add("preprocess + prompt", time.perf_counter() - t)
+    t = time.perf_counter()
+    embeds = omni.media_embeddings(prompt)
+    tm.add("encode image + audio (ONNX)", time.perf_counter() - t)
+    segs = omni.segments(prompt, embeds)
+    spk_pos = [prompt.spk_bounds[-1][0]] if (speak and prompt.spk_bounds) else []
+    t = time.perf_counter()
+    omni.llm.reset()
+    last, hidden = omni.llm.prefill(segs, hidden_positions=spk_pos)
+    tm.add(f"LLM prefill ({len(prompt.ids)} tokens)", time.perf_counter() - t)
+    print("assistant: ", end="", flush=True)
+    t = time.perf_counter()
+    first = None
+    text, n_tok = [], 0
+    for ev in omni.llm.generate(last, SamplingOptions(seed=0), max_new_tokens=DEMO_MAX_NEW_TOKENS,
+                                stop_ids=omni.stop_ids()):
+        if first is None:
+            first = time.perf_counter() - t
+        if ev.token in omni.stop_ids():
+            break
+        n_tok += 1
+        text.append(ev.text)
+        print(ev.text, end="", flush=True)
+    dt = time.perf_counter() - t
+    print()
+    tm.add("LLM first token", first or 0.0)
+    tm.add(f"LLM decode ({n_tok} tokens, {n_tok / max(dt, 1e-9):.1f} tok/s)", dt)
+    result = {"text": "".join(text), "tokens": n_tok, "timings": tm.stages, "random_weights": omni.random_weights}
+    if speak:
+        from edge.io.speaker import write_wav
+
+        t = time.perf_counter()
+        wave, sr = omni.speak(result["text"], hidden.get(spk_pos[0]) if spk_pos else None)
+        el = time.perf_counter() - t
+        secs = len(wave) / sr
+        tm.add(f"TTS ({secs:.2f} s audio, RTF {el / max(secs, 1e-9):.2f})", el)
+        write_wav(output_audio, wave, sr)
+        print(f"speech: {output_audio} ({secs:.2f} s, {sr} Hz)")
+        result["audio_path"] = str(output_audio)
+    print("latency breakdown:\n" + tm.report())
+    omni.close()
+    return result

@@ -1,0 +1,207 @@
+"""Text (+ the LLM's `<|spk|>` hidden state) -> 24 kHz speech, following the official MiniCPM-o 2.6 loops.
+
+`TTS.stream(pieces, spk_hidden)` is `_generate_mel_spec_audio_streaming` for one segment: LLM text pieces arrive,
+are normalised (numbers, "*") and re-tokenised into the 300-slot window; each time 10 more text tokens exist, that
+chunk is prefilled and up to 25 code frames are generated; the new frames (+4 frames of left context) go through
+DVAE + Vocos and are overlap-added (2048 samples) into the previous chunk, the first chunk being held back. When the
+text ends, the rest of the text + `[Etts]` is prefilled and 25-frame calls continue until EOS or 2048 frames.
+
+`TTS.synthesize(text, spk_hidden)` is the non-streaming `_generate_mel_spec` (all 31 text chunks, then decode all
+codes at once), what `chat(generate_audio=True)` does.
+
+Not implemented (yet): the segment roll-over of long replies (official: at >= 120 TTS tokens and a sentence end,
+start a new segment re-prefilling the last 5 text ids and 50 code frames through `prefill_audio_ids`); text beyond
+the 300-token window is therefore cut. `enable_regenerate` (VoiceChecker) is not implemented either. Deviation
+kept on purpose: the official final prefill may reach position 302 (`[Ptts]`) when the text fills all 300 slots,
+which raises in torch; here it stops at 302.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge import keys
+from edge.bundle import Bundle
+from edge.onnx_session import OrtOptions
+from edge.tts.backbone import KVCache, TtsBackbone, build_text_mask
+from edge.tts.decoder import TtsDecoder, WavStreamJoiner
+from edge.tts.sampling import CodeSampler, SamplingOptions
+from edge.tts.text import NumberStyle, TtsTokenizer, detect_language, normalize_piece, prepare_tts_text
+
+log = logging.getLogger("edge.tts")
+
+TTS_EOS = keys.TTS_EOS  # the LLM's end-of-speech token; text after it is not spoken
+# Official constants of `_generate_mel_spec_audio_streaming` / `_generate_mel_spec`.
+CODES_PER_CALL = 25  # output_chunk_size
+CONTEXT_CODES = 4  # left context frames re-decoded per chunk
+OVERLAP_SAMPLES = 512 * 4  # _linear_overlap_add2_wav overlap
+MAX_CODES = 2048  # tts_max_new_tokens
+LANG_DETECT_PIECES = 2  # language detected from the first two pieces
+
+
+@dataclass(frozen=True)
+class TTSOptions:
+    """Attributes:
+    sampling: per-step code sampling (temperatures, top-p/k, EOS rules, greedy, seed).
+    codes_per_call: frames generated per text chunk (official 25).
+    context_codes: frames of left context re-decoded with each streamed chunk (official 4).
+    overlap_samples: overlap-add length between streamed chunks (official 2048 = 4 frames).
+    max_codes: stop after this many frames without EOS (official 2048).
+    number_style: how digits are spoken in streaming mode (official: digit by digit).
+    """
+
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    codes_per_call: int = CODES_PER_CALL
+    context_codes: int = CONTEXT_CODES
+    overlap_samples: int = OVERLAP_SAMPLES
+    max_codes: int = MAX_CODES
+    number_style: NumberStyle = NumberStyle.DIGITS
+
+
+@dataclass
+class TtsState:
+    """One utterance: the KV cache, the codes generated so far (EOS frame excluded) and whether EOS came."""
+
+    cache: KVCache
+    codes: list[np.ndarray] = field(default_factory=list)
+    finished: bool = False
+
+
+class TTS:
+    """Runtime class of the `tts` bundle part."""
+
+    def __init__(self, bundle: Bundle, *, variant: str = "fp32", ort: OrtOptions | None = None,
+                 options: TTSOptions | None = None):
+        self.options = options or TTSOptions()
+        self.backbone = TtsBackbone(bundle, variant=variant, ort=ort)
+        self.decoder = TtsDecoder(bundle, variant=variant, ort=ort)
+        self.tokenizer = TtsTokenizer.from_bundle(bundle)
+        self.meta = bundle.part(keys.PART_TTS).meta
+        self.dims = self.backbone.dims
+        self.sample_rate = self.decoder.sample_rate
+
+    # --- building blocks ---------------------------------------------------------------------------------------------
+    def new_state(self) -> TtsState:
+        return TtsState(self.backbone.new_cache())
+
+    def new_sampler(self) -> CodeSampler:
+        return CodeSampler(self.options.sampling, num_vq=self.dims.num_vq, eos_id=self.dims.eos_id,
+                           config_top_p=self.meta.get("top_p"), config_top_k=self.meta.get("top_k"),
+                           config_repetition_penalty=self.meta.get("repetition_penalty", 1.0))
+
+    def speaker_embedding(self, spk_hidden: np.ndarray) -> np.ndarray:
+        return self.backbone.project_speaker(spk_hidden)
+
+    def prompt_ids(self, text: str) -> tuple[np.ndarray, int]:
+        """(ids of the 303-slot prompt, number of text tokens)."""
+        prompt, n = prepare_tts_text(text, self.tokenizer, self.dims.reserved_len, self.dims.num_spk_embs)
+        ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int64)
+        if ids.shape[0] != self.dims.condition_length:  # the official code carries on misaligned; so do we
+            log.warning("the TTS prompt tokenised to %d ids instead of %d (ChatTTS control tokens in the text?)",
+                        ids.shape[0], self.dims.condition_length)
+        return ids, n
+
+    def chunk_range(self, chunk_idx: int) -> tuple[int, int]:
+        """[begin, end) of text chunk `chunk_idx` in the prompt (chunk 0 also covers `[Stts][spk_emb]`)."""
+        d = self.dims
+        begin = 0 if chunk_idx == 0 else chunk_idx * d.text_chunk + d.start_len
+        end = min((chunk_idx + 1) * d.text_chunk + d.start_len, d.condition_length - 1)
+        return begin, end
+
+    def generate(self, state: TtsState, text_mask: np.ndarray, max_new: int, sampler: CodeSampler) -> np.ndarray:
+        """Official `ConditionalChatTTS.generate`: up to `max_new` frames; returns the new frames (n, num_vq)."""
+        if state.finished:
+            return np.zeros((0, self.dims.num_vq), dtype=np.int64)
+        start = len(state.codes)
+        for i in range(max_new):
+            audio_bos = len(state.codes) == 0
+            emb = self.backbone.audio_bos_embed() if audio_bos else self.backbone.code_embeds(state.codes[-1])
+            logits = self.backbone.step(state.cache, emb, text_mask)
+            hist = np.stack(state.codes) if state.codes else np.zeros((0, self.dims.num_vq), np.int64)
+            frame = sampler(logits, hist, i, audio_bos)
+            if (frame == self.dims.eos_id).any():
+                state.finished = True
+                break
+            state.codes.append(frame)
+        new = state.codes[start:]
+        return np.stack(new) if new else np.zeros((0, self.dims.num_vq), dtype=np.int64)
+
+    # --- non-streaming ---------------------------------------------------------------------------------------------
+    def synthesize_codes(self, text: str, spk_hidden: np.ndarray) -> np.ndarray:
+        """`_generate_mel_spec`: every text chunk (padding included), 25 frames each, then until EOS/max."""
+        ids, n = self.prompt_ids(text)
+        mask = build_text_mask(n, self.dims)
+        spk = self.speaker_embedding(spk_hidden)
+        st, sampler, per = self.new_state(), self.new_sampler(), self.options.codes_per_call
+        for chunk in range(math.ceil(self.dims.condition_length / self.dims.text_chunk)):
+            begin, end = self.chunk_range(chunk)
+            if end > begin:
+                self.backbone.prefill_text(st.cache, ids[begin:end], begin, spk if begin == 0 else None)
+            self.generate(st, mask, per, sampler)
+            if st.finished:
+                break
+        while not st.finished and len(st.codes) <= self.options.max_codes:
+            self.generate(st, mask, per, sampler)
+        return np.stack(st.codes) if st.codes else np.zeros((0, self.dims.num_vq), np.int64)
+
+    def synthesize(self, text: str, spk_hidden: np.ndarray) -> np.ndarray:
+        """Whole waveform (float32, `sample_rate` Hz) of `text` spoken with the speaker of `spk_hidden`."""
+        codes = self.synthesize_codes(text, spk_hidden)
+        if codes.shape[0] == 0:
+            return np.zeros(0, np.float32)
+        return self.decoder.codes_to_wav(codes)
+
+    # --- streaming ----------------------------------------------------------------------------------------------------
+    def stream(self, pieces: Iterable[str], spk_hidden: np.ndarray) -> Iterator[np.ndarray]:
+        """Yield float32 24 kHz chunks while LLM text `pieces` arrive (one segment; see the module docstring)."""
+        o, d = self.options, self.dims
+        spk = self.speaker_embedding(spk_hidden)
+        st, sampler = self.new_state(), self.new_sampler()
+        joiner = WavStreamJoiner(o.overlap_samples)
+        gen_text, raw, lang = "", "", "english"
+        chunk_idx, decoded, n, ids, mask = 0, 0, 0, None, None
+
+        def decode_new() -> np.ndarray | None:
+            nonlocal decoded
+            lo = max(decoded - o.context_codes, 0)
+            decoded = len(st.codes)
+            if decoded <= lo:
+                return None
+            return joiner.push(self.decoder.codes_to_wav(np.stack(st.codes[lo:])))
+
+        for t, piece in enumerate(pieces, start=1):
+            txt = piece.split(TTS_EOS)[0]
+            raw += txt
+            if t <= LANG_DETECT_PIECES:
+                lang = detect_language(raw)
+            gen_text += normalize_piece(txt, lang, o.number_style)
+            ids, n = self.prompt_ids(gen_text)
+            if n >= (chunk_idx + 1) * d.text_chunk and not st.finished:
+                begin, end = self.chunk_range(chunk_idx)
+                mask = build_text_mask(n, d)
+                self.backbone.prefill_text(st.cache, ids[begin:end], begin, spk if chunk_idx == 0 else None)
+                self.generate(st, mask, o.codes_per_call, sampler)
+                chunk_idx += 1
+                if (out := decode_new()) is not None:
+                    yield out
+                if st.finished:
+                    break
+        if not st.finished and ids is not None:
+            begin = self.chunk_range(chunk_idx)[0]
+            end = min(n + d.start_len + 1, d.condition_length - 1)  # + 1 for [Etts]
+            mask = build_text_mask(n, d)
+            if end > begin:
+                self.backbone.prefill_text(st.cache, ids[begin:end], begin, spk if chunk_idx == 0 else None)
+            while not st.finished:
+                self.generate(st, mask, o.codes_per_call, sampler)
+                if (out := decode_new()) is not None:
+                    yield out
+                if len(st.codes) > o.max_codes:
+                    break
+        if (tail := joiner.flush()) is not None:
+            yield tail

@@ -147,6 +147,7 @@ class LLM:
         self._history: list[object] = []  # one key per cached position (token id or embedding-row key)
         self._context_ids: list[int] = []  # token ids in the cache (for the repetition penalty)
         self._embeddings_on = False
+        self._step_batch = None
         self._lock = threading.Lock()
 
     # --- tokenizer ---------------------------------------------------------------------------------------------
@@ -363,10 +364,22 @@ class LLM:
             yield TokenEvent(tok, decoder.decode(self.token_bytes(tok), final=last), hidden)
 
     def _step(self, tok: int, *, want_hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One decode step through a batch allocated once (per-token allocation shows up on small models)."""
         with self._lock:
             self._set_embeddings(want_hidden)
             pos = len(self._history)
-            self._decode([tok], pos, np.ones(1, bool))
+            if self._step_batch is None:
+                self._step_batch = self._lib.llama_batch_init(1, 0, 1)
+            b = self._step_batch
+            b.n_tokens = 1
+            b.token[0] = tok
+            b.pos[0] = pos
+            b.n_seq_id[0] = 1
+            b.seq_id[0][0] = 0
+            b.logits[0] = True
+            rc = self._lib.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc} at position {pos}.")
             self._history.append(tok)
             self._context_ids.append(tok)
             return self._row(0, False), (self._row(0, True) if want_hidden else None)
@@ -375,6 +388,9 @@ class LLM:
         lib = getattr(self, "_lib", None)
         if lib is None:
             return
+        if getattr(self, "_step_batch", None) is not None:
+            lib.llama_batch_free(self._step_batch)
+            self._step_batch = None
         if getattr(self, "_ctx", None):
             lib.llama_free(self._ctx)
             self._ctx = None

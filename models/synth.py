@@ -40,7 +40,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from converters.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, f32_to_bf16_bits
+from converters.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, bf16_bits_to_f32, f32_to_bf16_bits
 from edge.errors import InvalidInputError
 from models import tokenizers as toks
 
@@ -317,10 +317,6 @@ def _htk_mel_fb(n_freqs: int, n_mels: int, sample_rate: int) -> np.ndarray:
     return np.maximum(0.0, np.minimum(down, up))
 
 
-def _bf16_round(x: np.ndarray) -> np.ndarray:
-    return (f32_to_bf16_bits(x).astype(np.uint32) << 16).view(np.float32)
-
-
 def _values(spec: TensorSpec, seed: int, prefix: str, specs: dict[str, TensorSpec]) -> Iterator[np.ndarray]:
     """float32 values of one tensor, flattened in C order, at most CHUNK_ELEMS at a time. Random tensors use one
     stream per (seed, prefix + name), so a tensor's values never depend on which tensors come before it."""
@@ -339,7 +335,7 @@ def _values(spec: TensorSpec, seed: int, prefix: str, specs: dict[str, TensorSpe
             yield x
     elif kind == "row_norm":  # weight-norm magnitude g = ||v|| per output row, v = the stored (BF16) original1
         v_spec = specs[spec.name[:-1] + "1"]
-        v = np.concatenate([_bf16_round(c) for c in _values(v_spec, seed, prefix, specs)])
+        v = np.concatenate([bf16_bits_to_f32(f32_to_bf16_bits(c)) for c in _values(v_spec, seed, prefix, specs)])
         yield np.linalg.norm(v.reshape(v_spec.shape[0], -1).astype(np.float64), axis=1).astype(np.float32)
     else:
         fixed = {"sinusoid": lambda: _whisper_sinusoids(*spec.shape), "hann": lambda: _hann(spec.shape[0]),

@@ -88,3 +88,44 @@ def qwen2_reference(golden_ckpt):
     sd = {k[len("llm."):]: torch.from_numpy(golden_ckpt.f32(k).copy()) for k in golden_ckpt.names("llm.")}
     model.load_state_dict(sd, strict=True)
     return model
+
+
+@pytest.fixture(scope="session")
+def golden_bundle(golden_dir, tmp_path_factory):
+    """The golden checkpoint converted by the real converter (f32 LLM, fp32 + int8 ONNX parts)."""
+    from converters.convert import convert
+
+    out = tmp_path_factory.mktemp("golden-bundle") / "bundle"
+    return convert(golden_dir / "ckpt", out, llm_quant="f32", int8=True, progress=False)
+
+
+@pytest.fixture(scope="session")
+def golden_omni(golden_bundle):
+    from edge.llm import LLMOptions
+    from edge.omni import Omni, OmniOptions
+
+    return Omni.load(golden_bundle, OmniOptions(llm=LLMOptions.exact(n_ctx=1024)))
+
+
+def golden_messages(golden_dir, name: str) -> list[dict]:
+    """A chat case of cases.json as runtime messages (files resolved to PIL images / float32 waves)."""
+    import json
+
+    import soundfile as sf
+    from PIL import Image
+
+    case = json.loads((golden_dir / "inputs" / "cases.json").read_text())["chat"][name]
+    msgs = []
+    for m in case["msgs"]:
+        content = []
+        for part in m["content"]:
+            t = part["type"]
+            if t == "text":
+                content.append(part["text"])
+            elif t == "image":
+                content.append(Image.open(golden_dir / "inputs" / part["file"]).convert("RGB"))
+            elif t == "audio":
+                wav, _ = sf.read(golden_dir / "inputs" / part["file"], dtype="float32")
+                content.append(wav)
+        msgs.append({"role": m["role"], "content": content})
+    return msgs

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge import keys
-from edge.audio_features import HOP_LENGTH, N_FRAMES, LogMelExtractor, log_mel_pieces
+from edge.audio_features import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, LogMelExtractor, log_mel_pieces
 from edge.bundle import Bundle
 from edge.errors import CorruptModelFileError, InvalidInputError
 from edge.onnx_session import OrtOptions, make_session
@@ -55,6 +55,7 @@ CHUNK_SECONDS = 1.0  # config audio_chunk_length; chat(chunk_input=True) uses 1-
 # Additive mask value. exp(-1e9) is exactly 0 in float32, so this equals the official -inf mask, but a row
 # that is wholly masked gives a uniform softmax instead of NaN.
 MASK_NEG = -1e9
+N_SAMPLES_PER_CHUNK = int(CHUNK_SECONDS * SAMPLE_RATE)
 
 
 def encoder_frames(n_mel: int) -> int:
@@ -145,6 +146,16 @@ class AudioStream:
 
     def reset(self) -> None:
         self._state.reset()
+
+    def step_audio(self, wave_chunk: np.ndarray) -> np.ndarray:
+        """Encode up to 1 s of 16-kHz audio. Its log-mel is computed on the chunk alone (padded to 30 s), as
+        the official `streaming_prefill` runs the processor on each 1-s slice it receives."""
+        wave_chunk = np.asarray(wave_chunk, dtype=np.float32)
+        if wave_chunk.ndim != 1 or not 0 < wave_chunk.shape[0] <= N_SAMPLES_PER_CHUNK:
+            raise InvalidInputError(f"streaming chunks are 1-D with 1..{N_SAMPLES_PER_CHUNK} samples (1 s at "
+                                    f"16 kHz), got shape {wave_chunk.shape}; cut the stream into 1-s slices.")
+        (mel,) = log_mel_pieces(wave_chunk, self._enc._mel)
+        return self.step(mel)
 
     def step(self, mel_chunk: np.ndarray, *, return_hidden: bool = False):
         """Encode one chunk (80, T) with 1 <= T <= 100; returns (floor(S/2), llm_hidden) embeddings

@@ -80,6 +80,20 @@ def test_int8_cosine(enc, enc_int8, golden_ref, k):
     assert min(c_chunked, c_full, c_stream) >= INT8_MIN_COSINE
 
 
+@pytest.fixture(scope="session")
+def hf_mel():
+    """Mel of one <= 30-s wave by transformers' WhisperFeatureExtractor, called as the official processor."""
+    transformers = pytest.importorskip("transformers")
+    fe = transformers.WhisperFeatureExtractor(feature_size=80)
+
+    def run(wave):
+        out = fe([wave], sampling_rate=16_000, return_attention_mask=True, padding="max_length",
+                 return_tensors="np")
+        return out["input_features"][0][:, : out["attention_mask"][0].sum()]
+
+    return run
+
+
 # --- transformers reference -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -215,6 +229,22 @@ def test_streaming_first_chunk_equals_whole_graph(enc):
     e, h = enc.stream().step(mel, return_hidden=True)
     whole = enc.forward(mel, chunked=False)
     assert rel_err(h, whole.hidden) <= REL_TOL and rel_err(e, whole.embeds) <= REL_TOL
+
+
+def test_step_audio_uses_each_chunks_own_mel(enc, golden_dir, hf_mel):
+    """streaming_prefill runs the processor on each 1-s slice: the second slice's mel is its own, not a slice
+    of the whole-utterance mel (they differ at the borders and in the max-8 clamp)."""
+    wave = load_audio(golden_dir / "inputs" / "wav1.wav")
+    s = enc.stream()
+    got = [s.step_audio(wave[i:i + 16_000]) for i in range(0, wave.size, 16_000)]
+    ref = enc.stream()
+    want = [ref.step(hf_mel(wave[i:i + 16_000])) for i in range(0, wave.size, 16_000)]
+    assert [g.shape[0] for g in got] == [25, 25, 25, 12]
+    assert max(rel_err(g, w) for g, w in zip(got, want)) <= REL_TOL
+    from edge.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="1-s slices"):
+        s.step_audio(wave[:16_001])
 
 
 def test_streaming_reset_rule(enc):

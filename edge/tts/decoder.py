@@ -53,16 +53,6 @@ def istft_same(real: np.ndarray, imag: np.ndarray, window: np.ndarray, hop: int)
     return (y / env).astype(np.float32)
 
 
-def _torch_linspace01_f32(steps: int) -> np.ndarray:
-    """float32 linspace(0, 1, steps) computed the way ATen does (from the start for the first half, from the end
-    for the second), so the blend weights match the official torch code bit for bit."""
-    idx = np.arange(steps)
-    step = np.float32(1.0) / np.float32(steps - 1)
-    head = step * idx.astype(np.float32)
-    tail = np.float32(1.0) - step * (steps - 1 - idx).astype(np.float32)
-    return np.where(idx < steps // 2, head, tail).astype(np.float32)
-
-
 def overlap_add2(prev: np.ndarray, cur: np.ndarray, overlap: int) -> tuple[np.ndarray, np.ndarray]:
     """Official `_linear_overlap_add2_wav`: blend the last `overlap` samples of `prev` with the first of `cur` with
     triangular weights; return (finished prev, rest of cur)."""
@@ -71,7 +61,7 @@ def overlap_add2(prev: np.ndarray, cur: np.ndarray, overlap: int) -> tuple[np.nd
         raise InvalidInputError(f"overlap {overlap} is longer than a chunk ({n0}, {n1} samples).")
     total = n0 + n1 - overlap
     weight_len = max(n0, n1) + overlap
-    t = _torch_linspace01_f32(weight_len + 2)[1:-1]
+    t = np.linspace(0.0, 1.0, weight_len + 2)[1:-1].astype(np.float32)  # torch.linspace within 1 ulp
     weight = np.float32(0.5) - np.abs(t - np.float32(0.5))
     out = np.zeros(total, np.float32)
     wsum = np.zeros(total, np.float32)

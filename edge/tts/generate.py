@@ -65,11 +65,13 @@ class TTSOptions:
 
 @dataclass
 class TtsState:
-    """One utterance: the KV cache, the codes generated so far (EOS frame excluded) and whether EOS came."""
+    """One utterance: the KV cache, the codes generated so far (EOS frame excluded), whether EOS came, and the
+    number of codes after each generate call (the streamed chunk boundaries)."""
 
     cache: KVCache
     codes: list[np.ndarray] = field(default_factory=list)
     finished: bool = False
+    call_ends: list[int] = field(default_factory=list)
 
 
 class TTS:
@@ -128,6 +130,7 @@ class TTS:
                 state.finished = True
                 break
             state.codes.append(frame)
+        state.call_ends.append(len(state.codes))
         new = state.codes[start:]
         return np.stack(new) if new else np.zeros((0, self.dims.num_vq), dtype=np.int64)
 
@@ -157,11 +160,14 @@ class TTS:
         return self.decoder.codes_to_wav(codes)
 
     # --- streaming ----------------------------------------------------------------------------------------------------
-    def stream(self, pieces: Iterable[str], spk_hidden: np.ndarray) -> Iterator[np.ndarray]:
-        """Yield float32 24 kHz chunks while LLM text `pieces` arrive (one segment; see the module docstring)."""
+    def stream(self, pieces: Iterable[str], spk_hidden: np.ndarray,
+               state: TtsState | None = None) -> Iterator[np.ndarray]:
+        """Yield float32 24 kHz chunks while LLM text `pieces` arrive (one segment; see the module docstring).
+
+        Pass a fresh `state` (from `new_state()`) to inspect the generated codes afterwards."""
         o, d = self.options, self.dims
         spk = self.speaker_embedding(spk_hidden)
-        st, sampler = self.new_state(), self.new_sampler()
+        st, sampler = state or self.new_state(), self.new_sampler()
         joiner = WavStreamJoiner(o.overlap_samples)
         gen_text, raw, lang = "", "", "english"
         chunk_idx, decoded, n, ids, mask = 0, 0, 0, None, None

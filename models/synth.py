@@ -2,8 +2,8 @@
 
 Why: the real 8B checkpoint cannot be downloaded on every machine (or in CI), but converters, the runtime and the
 benchmarks must see the same files, names, shapes and dtypes. `build_synthetic_checkpoint(out, "tiny")` gives a
-~65 MB checkpoint with the golden fixture's dims (tests, seconds); `"full"` gives the real dims (Qwen2.5-7B,
-SigLIP-400M, Whisper-medium encoder, ChatTTS-200M; ~17.5 GB of BF16) for benchmarks.
+~64 MB checkpoint with the golden fixture's dims (tests, ~2 s); `"full"` gives the real dims (Qwen2.5-7B,
+SigLIP-400M, Whisper-medium encoder, ChatTTS-200M; 8.7 B parameters, 17.4 GB of BF16, ~4 min) for benchmarks.
 
 Layout written (as the official repository): config.json, generation_config.json, preprocessor_config.json, the
 LLM tokenizer files (models/tokenizers.py), model-0000i-of-0000n.safetensors shards (a single model.safetensors
@@ -15,7 +15,8 @@ embeddings; 1 + N(0, 0.02) for normalization weights; U(0, 1) for the DVAE outpu
 that are fixed functions in the real model are computed, not random: the Whisper sinusoidal position table, the
 weight-norm magnitudes `original0` (= row norms of `original1`, as torch's weight_norm initialises them), and in
 Vocos.pt the periodic Hann windows and the HTK mel filterbank. Everything is rounded to BF16 (round to nearest even).
-Shards are written header first, then tensor by tensor in chunks, so memory stays bounded (~100 MB) at any scale.
+Shards are written header first, then tensor by tensor in chunks, so memory stays bounded at any scale
+(measured full build: peak RSS 340 MB, most of it the torch import).
 
 Vocabulary gap: the synthetic BPE has 652 ids (590 BPE + 62 added tokens) at both scales; the LLM embedding has
 `vocab_size` rows (652 tiny, 151700 full), every tokenizer id is < vocab_size and the remaining rows are simply
@@ -124,8 +125,8 @@ class SynthDims:
 
 
 RESAMPLER_HEAD_DIM = 128
-# tiny: the golden fixture's dims (shared/golden/README.md "Checkpoint"); one tensor per shard boundary is enough to
-# exercise the sharded index path, hence the small shard size.
+# tiny: the golden fixture's dims (shared/golden/README.md "Checkpoint"); 16 MiB shards split it into 3 files so
+# that tests exercise the sharded index path.
 TINY = SynthDims("tiny", LLMDims(256, 2, 4, 2, 512, 652), VisionDims(32, 64, 2, 2), AudioDims(32, 2, 2, 128, 2, 2, 128),
                  TTSDims(32, 64, 2, 2, 174), shard_bytes=16 * 2**20)
 # full: spec §1.2-1.7; shards of at most 5 GB (transformers' default max_shard_size, as in the official repo).
@@ -194,7 +195,8 @@ def _vision(d: VisionDims) -> list[TensorSpec]:
 
 def _resampler(e: int, kv_dim: int, queries: int) -> list[TensorSpec]:
     return [TensorSpec("resampler.query", (queries, e)), *_lin("resampler.kv_proj", e, kv_dim, False),
-            TensorSpec("resampler.attn.in_proj_weight", (3 * e, e)), TensorSpec("resampler.attn.in_proj_bias", (3 * e,)),
+            TensorSpec("resampler.attn.in_proj_weight", (3 * e, e)),
+            TensorSpec("resampler.attn.in_proj_bias", (3 * e,)),
             *_lin("resampler.attn.out_proj", e, e), *_ln("resampler.ln_q", e), *_ln("resampler.ln_kv", e),
             *_ln("resampler.ln_post", e), TensorSpec("resampler.proj", (e, e))]
 
@@ -260,7 +262,8 @@ def _tts(d: TTSDims, llm_hidden: int) -> list[TensorSpec]:
 
 
 def tensor_specs(dims: SynthDims) -> list[TensorSpec]:
-    """Every tensor of the official model.safetensors set, in module order (llm, vpm, resampler, apm, projector, tts)."""
+    """Every tensor of the official model.safetensors set, in module order (llm, vpm, resampler, apm, projector,
+    tts): the order transformers would shard them in."""
     return (_llm(dims.llm) + _vision(dims.vision) + _resampler(dims.llm.hidden, dims.vision.hidden, dims.query_num)
             + _audio(dims.audio, dims.llm.hidden) + _tts(dims.tts, dims.llm.hidden))
 
@@ -270,7 +273,8 @@ def vocos_specs() -> list[TensorSpec]:
     n_freq, dim = VOCOS_N_FFT // 2 + 1, VOCOS_DIM
     out = [TensorSpec("feature_extractor.mel_spec.spectrogram.window", (VOCOS_N_FFT,), "hann"),
            TensorSpec("feature_extractor.mel_spec.mel_scale.fb", (n_freq, VOCOS_MELS), "mel_fb"),
-           TensorSpec("backbone.embed.weight", (dim, VOCOS_MELS, VOCOS_KERNEL)), TensorSpec("backbone.embed.bias", (dim,)),
+           TensorSpec("backbone.embed.weight", (dim, VOCOS_MELS, VOCOS_KERNEL)),
+           TensorSpec("backbone.embed.bias", (dim,)),
            *_ln("backbone.norm", dim)]
     for i in range(VOCOS_LAYERS):
         p = f"backbone.convnext.{i}"
@@ -418,7 +422,8 @@ def _write_weights(root: Path, dims: SynthDims, seed: int, progress: bool) -> No
     for fname, shard in zip(names, shards):
         _write_safetensors(root / fname, shard, seed, by_name, prog)
         weight_map.update({s.name: fname for s in shard})
-    toks.write_json(root / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    toks.write_json(root / INDEX_FILE,
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def _write_vocos(path: Path, seed: int) -> None:

@@ -83,7 +83,8 @@ BPE_CORPUS = (
     "Café, naïve, résumé, Zürich, São Paulo, Kraków, Ångström, coöperate; NFC keeps é as one character.",
     "def add(a: int, b: int) -> int:\n    return a + b\n\nprint(add(2, 3))  # prints 5\n",
     "for (int i = 0; i < n; ++i) {\n    sum += x[i] * w[i];\n}\nreturn sum;\n",
-    "import numpy as np\nx = np.zeros((3, 14, 14), dtype=np.float32)\nif x.sum() == 0:\n    raise ValueError('empty')\n",
+    "import numpy as np\nx = np.zeros((3, 14, 14), dtype=np.float32)\n"
+    "if x.sum() == 0:\n    raise ValueError('empty')\n",
     "{\"role\": \"user\", \"content\": \"Hello!\"}, {\"role\": \"assistant\", \"content\": \"Hi, how can I help?\"}",
     "SELECT name, count(*) FROM tokens WHERE id < 151700 GROUP BY name ORDER BY 2 DESC LIMIT 10;",
     "<div class=\"answer\">The answer is <b>42</b>.</div>\t<a href=\"https://example.com/a?b=1&c=2\">link</a>",
@@ -98,6 +99,7 @@ BPE_CORPUS = (
 BPE_MIN_FREQUENCY = 2
 # 256 byte tokens + 334 merges: with the 62 added tokens the tokenizer has 652 ids, the golden tiny vocab_size.
 BPE_VOCAB_SIZE = 590
+BYTE_TOKENS = 256  # the ByteLevel alphabet: one token per byte value
 
 # --- ChatTTS text tokenizer (BERT WordPiece) -----------------------------------------------------------------------
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -159,6 +161,9 @@ def write_qwen2_tokenizer(out_dir: Path, *, bpe_vocab_size: int) -> TokenizerInf
                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(BPE_CORPUS, trainer=trainer)
     base = tok.get_vocab_size(with_added_tokens=False)
+    if base != bpe_vocab_size:
+        raise ValueError(f"BPE_CORPUS gave {base - BYTE_TOKENS} merges, {bpe_vocab_size - BYTE_TOKENS} were "
+                         "asked for: lower bpe_vocab_size or extend BPE_CORPUS.")
     tok.add_special_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False,
                                        special=True) for t in ADDED_TOKENS])
     ids = {t: tok.token_to_id(t) for t in ADDED_TOKENS}

@@ -62,7 +62,8 @@ def _shape_rules(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return [
         (r"llm\.(model\.embed_tokens|lm_head)\.weight", (cfg["vocab_size"], h)),
         (rf"llm\.model\.{L}self_attn\.(q|o)_proj\.weight", (h, h)), (rf"llm\.model\.{L}self_attn\.q_proj\.bias", (h,)),
-        (rf"llm\.model\.{L}self_attn\.[kv]_proj\.weight", (kv, h)), (rf"llm\.model\.{L}self_attn\.[kv]_proj\.bias", (kv,)),
+        (rf"llm\.model\.{L}self_attn\.[kv]_proj\.weight", (kv, h)),
+        (rf"llm\.model\.{L}self_attn\.[kv]_proj\.bias", (kv,)),
         (rf"llm\.model\.{L}mlp\.(gate|up)_proj\.weight", (cfg["intermediate_size"], h)),
         (rf"llm\.model\.{L}mlp\.down_proj\.weight", (h, cfg["intermediate_size"])),
         (rf"llm\.model\.({L}(input|post_attention)_layernorm|norm)\.weight", (h,)),
@@ -87,7 +88,8 @@ def _shape_rules(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
         (r"tts\.head_code\.\d+\.parametrizations\.weight\.original1", (nat, th)),
         (r"tts\.model\.embed_tokens\.weight", (32000, th)),  # LlamaConfig default vocab, unused
         (rf"tts\.model\.{L}self_attn\.\w_proj\.weight", (th, th)),
-        (rf"tts\.model\.{L}mlp\.(gate|up)_proj\.weight", (tf, th)), (rf"tts\.model\.{L}mlp\.down_proj\.weight", (th, tf)),
+        (rf"tts\.model\.{L}mlp\.(gate|up)_proj\.weight", (tf, th)),
+        (rf"tts\.model\.{L}mlp\.down_proj\.weight", (th, tf)),
         (r"tts\.model\..*norm\.weight", (th,)),
     ]
 
@@ -101,9 +103,10 @@ def _check_shapes(shapes: dict[str, tuple], cfg: dict, golden: Checkpoint) -> No
         expected = next((s for p, s in rules if p.fullmatch(name)), None)
         assert expected is not None, f"no shape rule for {name}"
         assert shape == expected, (name, shape, expected)
-    layers = {"llm.model.layers": cfg["num_hidden_layers"], "vpm.encoder.layers": cfg["vision_config"]["num_hidden_layers"],
-              "apm.layers": cfg["audio_config"]["encoder_layers"], "tts.model.layers": cfg["tts_config"]["num_hidden_layers"],
-              "tts.emb_code": cfg["tts_config"]["num_vq"], "tts.head_code": cfg["tts_config"]["num_vq"]}
+    v, a, t = cfg["vision_config"], cfg["audio_config"], cfg["tts_config"]
+    layers = {"llm.model.layers": cfg["num_hidden_layers"], "vpm.encoder.layers": v["num_hidden_layers"],
+              "apm.layers": a["encoder_layers"], "tts.model.layers": t["num_hidden_layers"],
+              "tts.emb_code": t["num_vq"], "tts.head_code": t["num_vq"]}
     for prefix, n in layers.items():
         found = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
         assert found == set(range(n)), (prefix, sorted(found), n)
@@ -154,6 +157,13 @@ def test_config_and_preprocessor_cover_golden(tiny, golden_dir):
 
     for fname in ("config.json", "preprocessor_config.json", "generation_config.json", "special_tokens_map.json"):
         check(json.loads((tiny / fname).read_text()), json.loads((golden_dir / "ckpt" / fname).read_text()))
+    # tokenizer_config: same settings; added token ids are synthetic (the golden list has no <unit>), so compare
+    # the decoder entries by content
+    mine, ref = (json.loads((r / "tokenizer_config.json").read_text()) for r in (tiny, golden_dir / "ckpt"))
+    mine_dec, ref_dec = mine.pop("added_tokens_decoder"), ref.pop("added_tokens_decoder")
+    check(mine, ref)
+    by_content = {e["content"]: e for e in mine_dec.values()}
+    assert all(by_content[e["content"]] == e for e in ref_dec.values())
 
 
 def test_vocos_state_dict_layout_equals_golden(tiny, golden_dir):
@@ -274,12 +284,14 @@ def test_llm_tokenizer_structure_and_roundtrip(tiny, golden_dir):
         assert mine[k] == ref[k], k
     assert mine["model"]["type"] == "BPE" and all(isinstance(m, str) for m in mine["model"]["merges"])
     cfg = json.loads((tiny / "tokenizer_config.json").read_text())
-    assert cfg["chat_template"] == json.loads((golden_dir / "ckpt" / "tokenizer_config.json").read_text())["chat_template"]
+    golden_cfg = json.loads((golden_dir / "ckpt" / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == golden_cfg["chat_template"]
     merges = (tiny / "merges.txt").read_text().splitlines()
     assert merges[0] == "#version: 0.2" and merges[1:] == mine["model"]["merges"]
     assert json.loads((tiny / "vocab.json").read_text()) == mine["model"]["vocab"]
     tok = Tokenizer.from_file(str(tiny / "tokenizer.json"))
-    for text in ("Hello world, 你好 👋 café", "Cafe\u0301 x=1e-6;\n\tdef f(): return 42  \r\n", "中文😀🚀 151700"):
+    texts = ("Hello world, 你好 👋 café", "Cafe\u0301 x=1e-6;\n\tdef f(): return 42  \r\n", "中文😀🚀 151700")
+    for text in texts:
         ids = tok.encode(text, add_special_tokens=False).ids
         assert tok.decode(ids, skip_special_tokens=False) == unicodedata.normalize("NFC", text)
     assert len(tok.encode("The quick brown fox jumps over the lazy dog").ids) < 40  # merges were learned

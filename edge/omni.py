@@ -336,11 +336,13 @@ class Omni:
                     write_wav(output_audio_path, result.audio, result.sampling_rate)
             yield result
 
-    def speak(self, text: str, spk_embed: np.ndarray | None):
-        """Text -> 24 kHz speech with the TTS part (speaker from the LLM's `<|spk|>` hidden state)."""
-        from edge.tts.generate import synthesize
-
-        return synthesize(self.tts, text, spk_embed)
+    def speak(self, text: str, spk_embed: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """Text -> (24 kHz float32 speech, sample rate) with the TTS part. The speaker is the LLM's last hidden
+        state at `<|spk|>` (spec §3.2); build the prompt with the TTS template to get it."""
+        if spk_embed is None:
+            raise InvalidInputError("speech needs the speaker embedding from the `<|spk|>` position: call chat() "
+                                    "with generate_audio=True (it switches to the TTS template).")
+        return self.tts.synthesize(text, spk_embed), self.tts.sample_rate
 
     @property
     def tts(self):

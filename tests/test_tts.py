@@ -261,6 +261,26 @@ def test_stream_and_synthesize_share_first_call(tts, golden_ref):
     np.testing.assert_array_equal(np.stack(st.codes[:25]), codes[:25])
 
 
+def test_kv_cache_growth_keeps_contents_and_results(tts, golden_ref):
+    """A cache that must grow mid-utterance gives the same step logits as a roomy one."""
+    ids, mask = golden_ref["tts_input_ids"], golden_ref["tts_streaming_mask"]
+    spk = tts.speaker_embedding(golden_ref["tts_spk_emb"])
+    out = []
+    for room in (1, 600):
+        st = tts.new_state()
+        st.cache.keys, st.cache.values = st.cache.keys[:, :, :, :303].copy(), st.cache.values[:, :, :, :303].copy()
+        st.cache.ensure(302 + room)
+        tts.backbone.prefill_text(st.cache, ids[:12], 0, spk)
+        before = st.cache.keys[:, :, :, :12].copy()
+        logits = []
+        for i in range(5):
+            emb = tts.backbone.audio_bos_embed() if i == 0 else tts.backbone.code_embeds(golden_ref["tts_codes"][i - 1])
+            logits.append(tts.backbone.step(st.cache, emb, mask))
+        np.testing.assert_array_equal(st.cache.keys[:, :, :, :12], before)
+        out.append(np.stack(logits))
+    assert rel_err(out[0], out[1]) <= 1e-6
+
+
 # --- int8 --------------------------------------------------------------------------------------------------------------
 def test_int8_figures(tts8, golden_ref):
     assert tts8.backbone.variant == "int8"

@@ -175,11 +175,11 @@ class KVCache:
         """Grow so that n positions fit."""
         if n <= self.capacity:
             return
-        shape = list(self.keys.shape)
+        old, shape = self.capacity, list(self.keys.shape)
         shape[3] = -(-n // self.GROW) * self.GROW
         for name in ("keys", "values"):
             new = np.zeros(shape, dtype=np.float32)
-            new[:, :, :, : self.capacity] = getattr(self, name)
+            new[:, :, :, :old] = getattr(self, name)
             setattr(self, name, new)
 
 

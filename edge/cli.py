@@ -106,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        import warnings
+
+        # Exporter/quantizer chatter that users cannot act on (torch's TorchScript-exporter deprecation notes,
+        # onnxruntime's "consider pre-processing" hint); --debug shows everything.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        logging.getLogger().addFilter(lambda r: "pre-processing before quantization" not in r.getMessage())
     try:
         args.fn(args)
     except KeyboardInterrupt:

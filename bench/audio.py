@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +76,17 @@ def main(argv=None) -> None:
 
     import torch
 
+    torch.set_num_threads(a.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench_audio_"))
+    try:
+        run(a, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the medium scale leaves ~3 GB otherwise
+
+
+def run(a: argparse.Namespace, work: Path) -> None:
+    import torch
+
     from converters.audio_encoder import AudioDims, build_torch_modules, export
     from converters.checkpoint import Checkpoint
     from edge import keys
@@ -83,8 +95,6 @@ def main(argv=None) -> None:
     from edge.bundle import Bundle
     from edge.onnx_session import OrtOptions
 
-    torch.set_num_threads(a.threads)
-    work = Path(tempfile.mkdtemp(prefix="bench_audio_"))
     if a.ckpt is not None:
         ckpt_dir, label = a.ckpt, str(a.ckpt)
     elif a.scale == "medium":

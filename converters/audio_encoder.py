@@ -20,7 +20,8 @@ carried. The streaming graph reproduces exactly that, so chunked streaming is *n
 whole-utterance block-causal mask at chunk borders (there, conv windows reach one mel frame into the
 neighbouring chunk, and the mel itself is computed on the whole utterance); see tests/test_audio_encoder.py.
 
-Both graphs also output `apm_hidden`, the encoder's final hidden state (after the final layer norm), the
+The two graphs of a variant share one external-data weights file (`share_weights`), so the weights are on
+disk once per variant. Both graphs also output `apm_hidden`, the encoder's final hidden state (after the final layer norm), the
 input of the projector. int8 variants come from onnxruntime dynamic quantisation of the MatMul weights.
 """
 
@@ -44,6 +45,9 @@ OPSET = 17
 WHISPER_MEDIUM_HEADS = 16
 # nn.LayerNorm default eps; Whisper's layer norms are built without an eps argument.
 LAYER_NORM_EPS = 1e-5
+# Initializers of at least this size go to the shared external-data file, at page-aligned offsets.
+EXTERNAL_MIN_BYTES = 1024
+EXTERNAL_ALIGN = 4096
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,39 @@ def quantize_int8(src: Path, dst: Path) -> None:
                      op_types_to_quantize=["MatMul"])
 
 
+def share_weights(graphs: list[Path], data_name: str) -> None:
+    """Move the initializers of `graphs` into one external-data file, each distinct tensor stored once.
+
+    The whole-utterance and streaming graphs hold the same weights; inline, the audio part of the real
+    checkpoint would take 2 x 1.3 GB (fp32). Offsets are page-aligned so onnxruntime can memory-map them."""
+    import hashlib
+
+    import onnx
+
+    models = [onnx.load(str(p)) for p in graphs]
+    stored: dict[tuple, tuple[int, int]] = {}
+    with open(graphs[0].parent / data_name, "wb") as f:
+        for model in models:
+            for init in model.graph.initializer:
+                raw = init.raw_data
+                if len(raw) < EXTERNAL_MIN_BYTES:
+                    continue
+                key = (init.data_type, tuple(init.dims), hashlib.sha256(raw).digest())
+                if key not in stored:
+                    f.write(b"\0" * (-f.tell() % EXTERNAL_ALIGN))
+                    stored[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                offset, length = stored[key]
+                init.ClearField("raw_data")
+                init.data_location = onnx.TensorProto.EXTERNAL
+                del init.external_data[:]
+                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                    entry = init.external_data.add()
+                    entry.key, entry.value = k, v
+    for model, path in zip(models, graphs):
+        onnx.save(model, str(path))
+
+
 def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool = True) -> BundlePart:
     """Write the audio part (fp32 whole + streaming graphs, and their int8 variants) into `out_dir`."""
     out_dir = Path(out_dir)
@@ -253,13 +290,17 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
         f"projector {dims.llm_hidden}; exporting ONNX (opset {OPSET})")
     whole, stream = build_torch_modules(ckpt, dims)
     _export_graphs(whole, stream, dims, out_dir)
-    files = {rt.ROLE_WHOLE["fp32"]: rt.FILE_WHOLE, rt.ROLE_STREAM["fp32"]: rt.FILE_STREAM}
+    files = {rt.ROLE_WHOLE["fp32"]: rt.FILE_WHOLE, rt.ROLE_STREAM["fp32"]: rt.FILE_STREAM,
+             rt.ROLE_WEIGHTS["fp32"]: rt.FILE_WEIGHTS}
     if int8:
         say("int8 dynamic quantisation")
         for src, dst, role in ((rt.FILE_WHOLE, rt.FILE_WHOLE_INT8, rt.ROLE_WHOLE["int8"]),
                                (rt.FILE_STREAM, rt.FILE_STREAM_INT8, rt.ROLE_STREAM["int8"])):
             quantize_int8(out_dir / src, out_dir / dst)
             files[role] = dst
+        share_weights([out_dir / rt.FILE_WHOLE_INT8, out_dir / rt.FILE_STREAM_INT8], rt.FILE_WEIGHTS_INT8)
+        files[rt.ROLE_WEIGHTS["int8"]] = rt.FILE_WEIGHTS_INT8
+    share_weights([out_dir / rt.FILE_WHOLE, out_dir / rt.FILE_STREAM], rt.FILE_WEIGHTS)
     meta = {**asdict(dims), "head_dim": dims.head_dim, "opset": OPSET, "variants": ["fp32"] + (["int8"] if int8 else [])}
     say("done")
     return BundlePart(files={role: BundleFile.describe(out_dir, rel) for role, rel in files.items()}, meta=meta)

@@ -31,7 +31,10 @@ FILE_WHOLE = "audio_encoder.onnx"
 FILE_STREAM = "audio_encoder_stream.onnx"
 FILE_WHOLE_INT8 = "audio_encoder.int8.onnx"
 FILE_STREAM_INT8 = "audio_encoder_stream.int8.onnx"
+FILE_WEIGHTS = "audio_encoder.weights"  # external data of both fp32 graphs
+FILE_WEIGHTS_INT8 = "audio_encoder.int8.weights"
 ROLE_WHOLE = {"fp32": "whole_fp32", "int8": "whole_int8"}
+ROLE_WEIGHTS = {"fp32": "weights_fp32", "int8": "weights_int8"}
 ROLE_STREAM = {"fp32": "stream_fp32", "int8": "stream_int8"}
 IN_MEL = "mel"
 IN_MASK = "attn_mask"
@@ -188,6 +191,7 @@ class AudioEncoder:
         self.variant = variant
         self._bundle = bundle
         self._ort = ort
+        bundle.file(keys.PART_AUDIO, ROLE_WEIGHTS[variant])  # clear error if the shared weights are missing
         self._whole = make_session(bundle.file(keys.PART_AUDIO, ROLE_WHOLE[variant]), ort)
         self._stream = None
         self._mel = LogMelExtractor.create()

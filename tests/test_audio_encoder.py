@@ -94,6 +94,27 @@ def hf_mel():
     return run
 
 
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_graphs_share_one_weights_file(audio_bundle, variant):
+    """Whole and streaming graphs point at the same tensors of one external-data file (stored once)."""
+    import onnx
+
+    from edge.audio_encoder import ROLE_STREAM, ROLE_WEIGHTS, ROLE_WHOLE
+
+    def refs(role):
+        model = onnx.load(str(audio_bundle.file(keys.PART_AUDIO, role)), load_external_data=False)
+        ext = [{e.key: e.value for e in t.external_data} for t in model.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL]
+        return {(int(e["offset"]), int(e["length"])) for e in ext}, {e["location"] for e in ext}
+
+    (whole, loc_w), (stream, loc_s) = refs(ROLE_WHOLE[variant]), refs(ROLE_STREAM[variant])
+    weights = audio_bundle.file(keys.PART_AUDIO, ROLE_WEIGHTS[variant])
+    assert loc_w == loc_s == {weights.name}
+    shared = sum(n for _, n in whole & stream)
+    assert shared >= 0.99 * sum(n for _, n in stream) and shared >= 0.99 * sum(n for _, n in whole)
+    assert weights.stat().st_size == max(o + n for o, n in whole | stream)
+
+
 # --- transformers reference -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -209,6 +209,24 @@ def test_batch_padding_rule_for_odd_pieces(enc, torch_ref, short, chunked):
         assert rel_err(alone, embeds[1, :n_tok]) > 10 * REL_TOL
 
 
+def test_two_audios_in_one_prompt(enc, torch_ref, golden_dir):
+    """Two audios of one prompt are one padded batch in the official processor; encode_audio(batch_frames=...)
+    reproduces the shorter one's embeddings (odd frame count: 103 frames -> its last token is affected)."""
+    from edge.audio_encoder import piece_frames
+
+    long_wave = load_audio(golden_dir / "inputs" / "wav1.wav")
+    short_wave = long_wave[: 102 * 160 + 1] * 0.5
+    (m_long,), (m_short,) = log_mel_pieces(long_wave), log_mel_pieces(short_wave)
+    assert m_short.shape[1] == 103
+    batch = np.zeros((2, 80, m_long.shape[1]), np.float32)
+    batch[0], batch[1, :, :103] = m_long, m_short
+    _, ref = torch_forward(torch_ref, batch, [m_long.shape[1], 103], chunked=True)
+    got = enc.encode_audio(short_wave, batch_frames=max(piece_frames(long_wave.size), piece_frames(short_wave.size)))
+    assert got.shape == (pooled_tokens(103), enc.hidden_size)
+    assert rel_err(got, ref[1, : got.shape[0]]) <= REL_TOL
+    assert rel_err(enc.encode_audio(short_wave), ref[1, : got.shape[0]]) > 10 * REL_TOL
+
+
 # --- streaming --------------------------------------------------------------------------------------------------
 
 def _stream_all(encoder, mel: np.ndarray):

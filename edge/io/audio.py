@@ -86,18 +86,17 @@ def resample(x: np.ndarray, in_rate: int, out_rate: int = SAMPLE_RATE) -> np.nda
     n_in = x.shape[0]
     n_out = -(-n_in * f.up // f.down)
     taps = f.phases.shape[1]
-    # Input index for tap j of output m is base[m] - j; pad so every index lands inside the array.
-    centre = np.arange(n_out, dtype=np.int64) * f.down + f.half_len
-    base, phase = centre // f.up, centre % f.up
+    # Input index for tap j of output m is base[m] - j with base[m] = (m * down + half_len) // up; pad so every
+    # index lands inside the array.
+    last_base = ((n_out - 1) * f.down + f.half_len) // f.up if n_out else 0
     left = taps
-    right = max(0, int(base[-1]) + 1 - n_in) if n_out else 0
-    xp = np.concatenate([np.zeros(left), x, np.zeros(right)])
+    xp = np.concatenate([np.zeros(left), x, np.zeros(max(0, last_base + 1 - n_in))])
     j = np.arange(taps, dtype=np.int64)
     out = np.empty(n_out, dtype=np.float64)
     for s in range(0, n_out, _RESAMPLE_BLOCK):
-        e = min(n_out, s + _RESAMPLE_BLOCK)
-        idx = base[s:e, None] - j[None, :] + left
-        out[s:e] = np.einsum("mj,mj->m", xp[idx], f.phases[phase[s:e]])
+        centre = np.arange(s, min(n_out, s + _RESAMPLE_BLOCK), dtype=np.int64) * f.down + f.half_len
+        idx = (centre // f.up)[:, None] - j[None, :] + left
+        out[s:s + centre.size] = np.einsum("mj,mj->m", xp[idx], f.phases[centre % f.up])
     return out.astype(np.float32)
 
 
@@ -109,9 +108,7 @@ def _to_float(a: np.ndarray) -> np.ndarray:
         return a.astype(np.float64) / float(-np.iinfo(a.dtype).min)
     if np.issubdtype(a.dtype, np.floating):
         return a.astype(np.float64, copy=False)
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.number):
-        raise InvalidInputError(f"audio array has dtype {a.dtype}; pass float or integer PCM samples.")
-    return a.astype(np.float64)
+    raise InvalidInputError(f"audio array has dtype {a.dtype}; pass float, signed integer or uint8 PCM samples.")
 
 
 def _mono(a: np.ndarray, what: str) -> np.ndarray:

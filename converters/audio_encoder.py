@@ -21,8 +21,9 @@ whole-utterance block-causal mask at chunk borders (there, conv windows reach on
 neighbouring chunk, and the mel itself is computed on the whole utterance); see tests/test_audio_encoder.py.
 
 The two graphs of a variant share one external-data weights file (`share_weights`), so the weights are on
-disk once per variant. Both graphs also output `apm_hidden`, the encoder's final hidden state (after the final layer norm), the
-input of the projector. int8 variants come from onnxruntime dynamic quantisation of the MatMul weights.
+disk once per variant. Both graphs also output `apm_hidden`, the encoder's final hidden state (after the
+final layer norm), the input of the projector. int8 variants come from onnxruntime dynamic quantisation of the
+MatMul weights.
 """
 
 from __future__ import annotations
@@ -301,6 +302,7 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
         share_weights([out_dir / rt.FILE_WHOLE_INT8, out_dir / rt.FILE_STREAM_INT8], rt.FILE_WEIGHTS_INT8)
         files[rt.ROLE_WEIGHTS["int8"]] = rt.FILE_WEIGHTS_INT8
     share_weights([out_dir / rt.FILE_WHOLE, out_dir / rt.FILE_STREAM], rt.FILE_WEIGHTS)
-    meta = {**asdict(dims), "head_dim": dims.head_dim, "opset": OPSET, "variants": ["fp32"] + (["int8"] if int8 else [])}
+    meta = {**asdict(dims), "head_dim": dims.head_dim, "opset": OPSET,
+            "variants": ["fp32"] + (["int8"] if int8 else [])}
     say("done")
     return BundlePart(files={role: BundleFile.describe(out_dir, rel) for role, rel in files.items()}, meta=meta)

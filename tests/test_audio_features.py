@@ -17,6 +17,7 @@ from edge.audio_encoder import audio_placeholder, chunk_token_counts, pooled_tok
 from edge.audio_features import (N_FRAMES, N_SAMPLES, LogMelExtractor, log_mel_pieces, mel_filter_bank,
                                  n_mel_frames)
 from edge.errors import InvalidInputError
+from edge.keys import AUDIO_END, AUDIO_START, UNK
 from edge.io.audio import SAMPLE_RATE, load_audio, resample
 
 MEL_ATOL = 1e-4
@@ -69,7 +70,10 @@ def test_golden_mel(golden_dir, golden_ref, k):
 @pytest.mark.parametrize("k", [0, 1])
 def test_golden_placeholder(golden_dir, golden_ref, k):
     n = sf.info(str(golden_dir / "inputs" / f"wav{k}.wav")).frames
-    assert audio_placeholder(n, chunked=True) == str(golden_ref[f"wav{k}_placeholder"])
+    golden = str(golden_ref[f"wav{k}_placeholder"])
+    assert audio_placeholder(n, chunked=True) == golden
+    # Non-chunked (chunk_input=False): one start/end pair around the same number of <unk> (spec §2.3).
+    assert audio_placeholder(n, chunked=False) == AUDIO_START + UNK * golden.count(UNK) + AUDIO_END
 
 
 # --- filterbank and transformers parity ------------------------------------------------------------------------

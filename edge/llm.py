@@ -28,6 +28,18 @@ _GGUF_MAGIC = b"GGUF"
 # llama.cpp `enum ggml_type` / `enum llama_flash_attn_type` values (ggml.h, llama.h).
 _GGML_TYPE = {"f32": 0, "f16": 1, "q8_0": 8}
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+_LOAD_MODE_READ, _LOAD_MODE_MMAP = 0, 1  # enum llama_load_mode: NONE (read into buffers), MMAP
+
+
+def _set_fields(struct, **values) -> None:
+    """Set ctypes struct fields, refusing names the struct lacks (ctypes would silently add a Python attribute,
+    which is how a renamed llama.cpp parameter would otherwise be ignored without a word)."""
+    names = {f[0] for f in type(struct)._fields_}
+    for k, v in values.items():
+        if k not in names:
+            raise RuntimeError(f"this llama-cpp-python has no {type(struct).__name__}.{k}; "
+                               "install the version pinned in pyproject.toml")
+        setattr(struct, k, v)
 
 
 @dataclass(frozen=True)
@@ -38,7 +50,9 @@ class LLMOptions:
     n_threads / n_threads_batch: decode / prefill threads (0 = all cores).
     kv_type: KV cache element type; "f32" for exact parity tests, "f16" halves KV memory.
     flash_attn: "auto" | "on" | "off" (off for exact parity).
-    use_mmap: map the GGUF instead of reading it (lower resident memory on small devices).
+    use_mmap: map the GGUF (True) or read it into llama.cpp's buffers (False).
+    repack: let llama.cpp's CPU backend repack weights into its faster layouts (`use_extra_bufts`); with mmap
+        this keeps both the mapped file and the repacked copy resident (see bench/memory.py).
     n_gpu_layers: layers offloaded to Metal/CUDA when the wheel has them.
     verbose: let llama.cpp print its load/decode log (errors are always shown).
     """
@@ -50,6 +64,7 @@ class LLMOptions:
     kv_type: str = "f16"
     flash_attn: str = "auto"
     use_mmap: bool = True
+    repack: bool = True
     n_gpu_layers: int = 0
     verbose: bool = False
 
@@ -116,25 +131,20 @@ class LLM:
         check_gguf_file(self.path)
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
-        mp.use_mmap = o.use_mmap
-        mp.n_gpu_layers = o.n_gpu_layers
+        _set_fields(mp, load_mode=_LOAD_MODE_MMAP if o.use_mmap else _LOAD_MODE_READ, use_extra_bufts=o.repack,
+                    n_gpu_layers=o.n_gpu_layers)
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self._model:
             raise CorruptModelFileError(f"llama.cpp could not load {self.path}; see its log above.", str(self.path))
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = o.n_ctx
-        cp.n_batch = min(o.n_batch, o.n_ctx)
-        cp.n_ubatch = cp.n_batch
-        cp.n_seq_max = 1
         import os
 
         cores = os.cpu_count() or 1
-        cp.n_threads = o.n_threads or cores
-        cp.n_threads_batch = o.n_threads_batch or o.n_threads or cores
-        cp.type_k = _GGML_TYPE[o.kv_type]
-        cp.type_v = _GGML_TYPE[o.kv_type]
-        cp.flash_attn_type = _FLASH_ATTN[o.flash_attn]
-        cp.embeddings = False
+        _set_fields(cp, n_ctx=o.n_ctx, n_batch=min(o.n_batch, o.n_ctx), n_ubatch=min(o.n_batch, o.n_ctx),
+                    n_seq_max=1, n_threads=o.n_threads or cores,
+                    n_threads_batch=o.n_threads_batch or o.n_threads or cores,
+                    type_k=_GGML_TYPE[o.kv_type], type_v=_GGML_TYPE[o.kv_type],
+                    flash_attn_type=_FLASH_ATTN[o.flash_attn], embeddings=False)
         self._ctx = llama_cpp.llama_init_from_model(self._model, cp)
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={o.n_ctx}); try a smaller n_ctx.")

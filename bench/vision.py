@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +91,17 @@ def main(argv=None) -> None:
 
     import torch
 
+    torch.set_num_threads(a.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench_vision_"))
+    try:
+        _run(a, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the full-scale checkpoint + bundle take ~3.5 GB
+
+
+def _run(a: argparse.Namespace, work: Path) -> None:
+    import torch
+
     from converters.checkpoint import Checkpoint
     from converters.vision import VisionDims, build_torch_module, export
     from edge import keys
@@ -98,8 +110,6 @@ def main(argv=None) -> None:
     from edge.image_preprocess import preprocess_image
     from edge.onnx_session import OrtOptions
 
-    torch.set_num_threads(a.threads)
-    work = Path(tempfile.mkdtemp(prefix="bench_vision_"))
     ckpt = None
     if a.ckpt is not None:
         ckpt, label = Checkpoint.open(a.ckpt), str(a.ckpt)

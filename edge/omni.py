@@ -152,10 +152,10 @@ class Omni:
                 parts.append(Media("audio", audio_placeholder(len(wave), chunked=chunk_input),
                                    {"wave": wave, "chunked": chunk_input}))
             elif kind == "video":
-                from edge.io.video import read_video_frames
+                # Official video recipe: every sampled frame is one unsliced image without an image id.
+                from edge.io.video import load_video, preprocess_frames
 
-                for frame in read_video_frames(value).frames:
-                    pre = self.preprocess_image(frame, 1, use_image_id=False)
+                for pre in preprocess_frames(load_video(value)):
                     parts.append(Media("image", pre.placeholder, pre))
         return parts
 

@@ -39,6 +39,7 @@ def write_full_checkpoint(root: Path) -> Path:
 
     d, rng, t = FULL, np.random.default_rng(0), {}
     h = d["hidden"]
+    root.mkdir(parents=True, exist_ok=True)
 
     def rnd(*shape):
         return (INIT_STD * rng.standard_normal(shape)).astype(np.float32)

@@ -1,5 +1,5 @@
 """TTS backbone at run time: the ConditionalChatTTS Llama decoder over onnxruntime, its KV cache, the text/code
-embeddings, the four code heads and the streaming attention masks of the official code.
+embeddings and the streaming attention masks of the official code (the four code heads are inside the graph).
 
 Why the cache lives here (numpy) and not inside the graph: the official streaming loop writes text chunks into the
 *middle* of a pre-allocated 302-position cache (`prefill_text` at positions [begin, end)) while audio frames are
@@ -32,13 +32,13 @@ ROLE_BACKBONE = "backbone"  # roles "backbone.fp32" / "backbone.int8"
 ROLE_PROJECTOR = "projector"
 ROLE_EMB_TEXT = "emb_text"  # (num_text_tokens, hidden) float32 .npy
 ROLE_EMB_CODE = "emb_code"  # (num_vq, num_audio_tokens, hidden) float32 .npy
-ROLE_HEAD_CODE = "head_code"  # (num_vq, num_audio_tokens, hidden) float32 .npy, weight norm folded
 VARIANTS = ("fp32", "int8")
 
 IN_EMBEDS = "inputs_embeds"  # (1, n, hidden) float32
 IN_POSITIONS = "position_ids"  # (1, n) int64
 IN_MASK = "attention_mask"  # (1, 1, n, past + n) float32, additive
 OUT_HIDDEN = "last_hidden_state"  # (1, n, hidden), after the final RMSNorm
+OUT_LOGITS = "logits"  # (1, num_vq, num_audio_tokens): the 4 weight-normed head_code of the last position
 PROJ_IN = "llm_hidden"  # (1, n, llm_dim)
 PROJ_OUT = "spk_emb"  # (1, n, hidden), L2-normalised
 
@@ -197,10 +197,7 @@ class TtsBackbone:
         self.projector = make_session(graph_path(bundle, ROLE_PROJECTOR, variant), ort)
         self.emb_text = np.load(bundle.file(keys.PART_TTS, ROLE_EMB_TEXT))
         self.emb_code = np.load(bundle.file(keys.PART_TTS, ROLE_EMB_CODE))
-        head = np.load(bundle.file(keys.PART_TTS, ROLE_HEAD_CODE))  # (num_vq, codes, hidden)
-        # One matmul for all heads: hidden @ (hidden, num_vq * codes).
-        self._head_t = np.ascontiguousarray(head.reshape(-1, head.shape[-1]).T)
-        self._out_names = [OUT_HIDDEN] + [n for i in range(self.dims.num_layers) for n in new_names(i)]
+        self._out_names = [OUT_HIDDEN, OUT_LOGITS] + [n for i in range(self.dims.num_layers) for n in new_names(i)]
 
     # --- embeddings ---------------------------------------------------------------------------------------------
     def project_speaker(self, llm_hidden: np.ndarray) -> np.ndarray:
@@ -242,10 +239,6 @@ class TtsBackbone:
     def audio_bos_embed(self) -> np.ndarray:
         return self.emb_text[[self.dims.audio_bos_token_id]]
 
-    def head_logits(self, hidden: np.ndarray) -> np.ndarray:
-        """The 4 weight-normalised `head_code` projections of one hidden state: (hidden,) -> (num_vq, codes)."""
-        return (hidden @ self._head_t).reshape(self.dims.num_vq, self.dims.num_audio_tokens)
-
     # --- decoder -------------------------------------------------------------------------------------------------
     def new_cache(self) -> KVCache:
         """Zero cache of condition_length - 1 = 302 positions, as `_generate_mel_spec*` allocate it."""
@@ -254,9 +247,11 @@ class TtsBackbone:
         shape = (d.num_layers, 1, d.num_heads, n + self.INITIAL_AUDIO_CAPACITY, d.head_dim)
         return KVCache(np.zeros(shape, np.float32), np.zeros(shape, np.float32), n)
 
-    def forward(self, cache: KVCache, embeds: np.ndarray, begin: int, mask: np.ndarray) -> np.ndarray:
+    def forward(self, cache: KVCache, embeds: np.ndarray, begin: int,
+                mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run n positions [begin, begin + n) attending to cache[:begin] (`mask` is (1, 1, n, begin + n) over
-        those); store their keys/values at [begin, begin + n); return the hidden states (n, hidden)."""
+        those); store their keys/values at [begin, begin + n); return the hidden states (n, hidden) and the
+        last position's code logits (num_vq, num_audio_tokens)."""
         embeds = np.asarray(embeds, dtype=np.float32).reshape(1, -1, self.dims.hidden)
         n = embeds.shape[1]
         if mask.shape != (1, 1, n, begin + n):
@@ -273,10 +268,10 @@ class TtsBackbone:
             feed[v] = cache.values[i]
         outs = self.session.run(self._out_names, feed)
         for i in range(self.dims.num_layers):
-            cache.keys[i, :, :, begin: begin + n] = outs[1 + 2 * i]
-            cache.values[i, :, :, begin: begin + n] = outs[2 + 2 * i]
+            cache.keys[i, :, :, begin: begin + n] = outs[2 + 2 * i]
+            cache.values[i, :, :, begin: begin + n] = outs[3 + 2 * i]
         cache.length = max(cache.length, begin + n)
-        return outs[0][0]
+        return outs[0][0], outs[1][0]
 
     def prefill_text(self, cache: KVCache, ids: np.ndarray, begin: int, spk_emb: np.ndarray | None = None) -> None:
         """Official `prefill_text`: causal attention over text positions [0, end) only, written at [begin, end)."""
@@ -289,8 +284,14 @@ class TtsBackbone:
                                     f"(ends at {self.dims.condition_length - 1}).")
         self.forward(cache, self.text_embeds(ids, spk_emb), begin, causal_mask(begin, ids.size))
 
+    def prefill_audio(self, cache: KVCache, codes: np.ndarray, text_mask: np.ndarray) -> None:
+        """Official `prefill_audio_ids` (segment roll-over): audio-bos + `codes` from position cache.length on, with
+        the streaming mask row broadcast over all of them (no causal order among them, exactly as official)."""
+        emb = np.concatenate([self.audio_bos_embed(), self.code_embeds(codes)])
+        past = cache.length
+        self.forward(cache, emb, past, step_mask(past, emb.shape[0], text_mask, self.dims))
+
     def step(self, cache: KVCache, embed: np.ndarray, text_mask: np.ndarray) -> np.ndarray:
         """One generation step at position cache.length with the streaming mask; returns (num_vq, codes) logits."""
         past = cache.length
-        hidden = self.forward(cache, embed, past, step_mask(past, 1, text_mask, self.dims))
-        return self.head_logits(hidden[-1])
+        return self.forward(cache, embed, past, step_mask(past, 1, text_mask, self.dims))[1]

@@ -1,19 +1,25 @@
 """Text (+ the LLM's `<|spk|>` hidden state) -> 24 kHz speech, following the official MiniCPM-o 2.6 loops.
 
-`TTS.stream(pieces, spk_hidden)` is `_generate_mel_spec_audio_streaming` for one segment: LLM text pieces arrive,
-are normalised (numbers, "*") and re-tokenised into the 300-slot window; each time 10 more text tokens exist, that
-chunk is prefilled and up to 25 code frames are generated; the new frames (+4 frames of left context) go through
-DVAE + Vocos and are overlap-added (2048 samples) into the previous chunk, the first chunk being held back. When the
-text ends, the rest of the text + `[Etts]` is prefilled and 25-frame calls continue until EOS or 2048 frames.
+`TTS.stream(pieces, spk_hidden)` is `_generate_mel_spec_audio_streaming`: LLM text pieces arrive, are normalised
+(numbers, "*") and re-tokenised into the 300-slot window; each time 10 more text tokens exist, that chunk is
+prefilled and up to 25 code frames are generated; the new frames (+4 frames of left context) go through DVAE + Vocos
+and are overlap-added (2048 samples) into the previous chunk, the first chunk being held back. When the text ends,
+the rest of the text + `[Etts]` is prefilled and 25-frame calls continue until EOS or 2048 frames.
+Long replies roll over as official: once the text has >= 120 tokens and a piece holds a sentence end, the text is
+cut after it, the segment is finished, and a new segment starts from a fresh cache that re-prefills
+`[Stts][spk_emb]` + the last 5 text ids and (through `prefill_audio_ids`) the last 50 code frames.
+
+Official quirks kept: the roll-over audio prefill attends bidirectionally among the 50 carried frames (the mask row
+is broadcast); the first chunk of a new segment re-decodes the 4 carried context frames that the previous segment
+already played (about 85 ms heard twice); a new segment whose first piece is empty ends the reply, and text cut off
+at the roll-over is only spoken if more pieces arrive.
 
 `TTS.synthesize(text, spk_hidden)` is the non-streaming `_generate_mel_spec` (all 31 text chunks, then decode all
 codes at once), what `chat(generate_audio=True)` does.
 
-Not implemented (yet): the segment roll-over of long replies (official: at >= 120 TTS tokens and a sentence end,
-start a new segment re-prefilling the last 5 text ids and 50 code frames through `prefill_audio_ids`); text beyond
-the 300-token window is therefore cut. `enable_regenerate` (VoiceChecker) is not implemented either. Deviation
-kept on purpose: the official final prefill may reach position 302 (`[Ptts]`) when the text fills all 300 slots,
-which raises in torch; here it stops at 302.
+Not implemented: `enable_regenerate` (VoiceChecker roll-back). Deviation kept on purpose: the official final
+prefill may reach position 302 (`[Ptts]`) when the text fills all 300 slots, which raises in torch; here it stops
+at 302.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from edge.onnx_session import OrtOptions
 from edge.tts.backbone import KVCache, TtsBackbone, build_text_mask
 from edge.tts.decoder import TtsDecoder, WavStreamJoiner
 from edge.tts.sampling import CodeSampler, SamplingOptions
-from edge.tts.text import NumberStyle, TtsTokenizer, detect_language, normalize_piece, prepare_tts_text
+from edge.tts.text import (SPK_EMB, STTS, NumberStyle, TtsTokenizer, detect_language, normalize_piece,
+                           prepare_tts_text, sentence_end)
 
 log = logging.getLogger("edge.tts")
 
@@ -43,6 +50,9 @@ CONTEXT_CODES = 4  # left context frames re-decoded per chunk
 OVERLAP_SAMPLES = 512 * 4  # _linear_overlap_add2_wav overlap
 MAX_CODES = 2048  # tts_max_new_tokens
 LANG_DETECT_PIECES = 2  # language detected from the first two pieces
+ROLLOVER_SHIFT = 180  # a new segment may start once the text reaches reserved_len - 180 = 120 tokens
+ROLLOVER_TEXT_IDS = 5  # text ids carried into the new segment (tid_len)
+ROLLOVER_CODES = 50  # code frames carried into the new segment (aid_len)
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,15 @@ class TTSOptions:
     overlap_samples: int = OVERLAP_SAMPLES
     max_codes: int = MAX_CODES
     number_style: NumberStyle = NumberStyle.DIGITS
+
+
+@dataclass(frozen=True)
+class _Carry:
+    """What a segment hands to the next one: its last text ids, last code frames and the text after the cut."""
+
+    text_ids: np.ndarray
+    codes: np.ndarray
+    text_left: str
 
 
 @dataclass
@@ -167,37 +186,62 @@ class TTS:
 
     # --- streaming ----------------------------------------------------------------------------------------------------
     def stream(self, pieces: Iterable[str], spk_hidden: np.ndarray,
-               state: TtsState | None = None) -> Iterator[np.ndarray]:
-        """Yield float32 24 kHz chunks while LLM text `pieces` arrive (one segment; see the module docstring).
+               states: list[TtsState] | None = None) -> Iterator[np.ndarray]:
+        """Yield float32 24 kHz chunks while LLM text `pieces` arrive (see the module docstring).
 
-        Pass a fresh `state` (from `new_state()`) to inspect the generated codes afterwards."""
-        o, d = self.options, self.dims
+        Pass a list as `states` to get each segment's state (codes, chunk boundaries) appended to it."""
         spk = self.speaker_embedding(spk_hidden)
-        st, sampler = state or self.new_state(), self.new_sampler()
+        it, sampler, carry = iter(pieces), self.new_sampler(), None
+        while True:
+            st = self.new_state()
+            if states is not None:
+                states.append(st)
+            carry = yield from self._segment(it, spk, st, sampler, carry)
+            if carry is None:
+                return
+
+    def _segment(self, it: Iterator[str], spk: np.ndarray, st: TtsState, sampler: CodeSampler,
+                 carry: _Carry | None):
+        """One official `_generate_mel_spec_audio_streaming` call; returns the roll-over carry or None."""
+        o, d = self.options, self.dims
         joiner = WavStreamJoiner(o.overlap_samples)
-        gen_text, raw, lang = "", "", "english"
-        chunk_idx, decoded, n, ids, mask = 0, 0, 0, None, None
+        gen_text, lang, chunk_idx, decoded, n, ids = "", "english", 0, 0, 0, None
+        if carry is not None:  # re-prefill the last text ids and audio frames of the previous segment
+            start = np.asarray(self.tokenizer.encode(STTS + SPK_EMB * d.num_spk_embs), dtype=np.int64)
+            self.backbone.prefill_text(st.cache, np.concatenate([start, carry.text_ids]), 0, spk)
+            self.backbone.prefill_audio(st.cache, carry.codes[:-1], build_text_mask(carry.text_ids.size, d))
+            st.codes = list(carry.codes)
+            chunk_idx = carry.text_ids.size // d.text_chunk
+            gen_text = self.tokenizer.decode(carry.text_ids.tolist()) + carry.text_left
+            decoded = len(st.codes)
+        raw, rollover, stop = gen_text, False, False
 
         def decode_new() -> np.ndarray | None:
             nonlocal decoded
             lo = max(decoded - o.context_codes, 0)
             decoded = len(st.codes)
-            if decoded <= lo:
-                return None
-            return joiner.push(self.decoder.codes_to_wav(np.stack(st.codes[lo:])))
+            return joiner.push(self.decoder.codes_to_wav(np.stack(st.codes[lo:]))) if decoded > lo else None
 
-        for t, piece in enumerate(pieces, start=1):
+        for t, piece in enumerate(it, start=1):
             txt = piece.split(TTS_EOS)[0]
             raw += txt
+            if t == 1 and txt == "" and carry is not None:
+                log.warning("tts: new segment starts with an empty piece; generation finished (as official)")
+                return None
             if t <= LANG_DETECT_PIECES:
                 lang = detect_language(raw)
             gen_text += normalize_piece(txt, lang, o.number_style)
             ids, n = self.prompt_ids(gen_text)
-            if n >= (chunk_idx + 1) * d.text_chunk and not st.finished:
+            if n >= d.reserved_len - ROLLOVER_SHIFT and (mark := sentence_end(txt)):
+                cut = gen_text.rfind(mark) + 1
+                text_left, gen_text = gen_text[cut:], gen_text[:cut]
+                ids, n = self.prompt_ids(gen_text)
+                rollover = True
+                break
+            if n >= (chunk_idx + 1) * d.text_chunk:
                 begin, end = self.chunk_range(chunk_idx)
-                mask = build_text_mask(n, d)
                 self.backbone.prefill_text(st.cache, ids[begin:end], begin, spk if chunk_idx == 0 else None)
-                self.generate(st, mask, o.codes_per_call, sampler)
+                self.generate(st, build_text_mask(n, d), o.codes_per_call, sampler)
                 chunk_idx += 1
                 if (out := decode_new()) is not None:
                     yield out
@@ -206,14 +250,18 @@ class TTS:
         if not st.finished and ids is not None:
             begin = self.chunk_range(chunk_idx)[0]
             end = min(n + d.start_len + 1, d.condition_length - 1)  # + 1 for [Etts]
-            mask = build_text_mask(n, d)
             if end > begin:
                 self.backbone.prefill_text(st.cache, ids[begin:end], begin, spk if chunk_idx == 0 else None)
             while not st.finished:
-                self.generate(st, mask, o.codes_per_call, sampler)
+                self.generate(st, build_text_mask(n, d), o.codes_per_call, sampler)
                 if (out := decode_new()) is not None:
                     yield out
                 if len(st.codes) > o.max_codes:
+                    stop = True
                     break
         if (tail := joiner.flush()) is not None:
             yield tail
+        if not rollover or stop:
+            return None
+        last = n + d.start_len  # index of [Etts]: the carried text ids exclude it
+        return _Carry(ids[last - ROLLOVER_TEXT_IDS: last].copy(), np.stack(st.codes[-ROLLOVER_CODES:]), text_left)

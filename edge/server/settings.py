@@ -1,0 +1,110 @@
+"""Server settings: one typed dataclass, each field with its help text, turned into CLI flags by `add_arguments`.
+
+Why a dataclass and not pydantic-settings: the CLI must build its parser without importing the server stack
+(`import edge` and `minicpmo-edge --help` stay free of fastapi/uvicorn), and the fields double as the flags.
+Defaults are safe for a laptop: bind to 127.0.0.1, no remote URLs, no local files, bounded bodies and queues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+API_KEY_ENV = "MINICPMO_EDGE_API_KEY"  # read when --api-key is not given, so the key stays out of `ps`
+DEFAULT_PORT = 8080  # llama-server's default port
+DEFAULT_MODEL_NAME = "minicpm-o-2_6"
+# The official chat() default max_new_tokens (spec §4.1); also the most one request may ask for.
+DEFAULT_MAX_TOKENS = 2048
+# Base64 inflates by 4/3: 32 MiB carries ~24 MB of media, e.g. a 20-MB photo (OpenAI's per-image cap) + audio.
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+# A 24-MP camera photo fits; JPEGs above it are decoded at a reduced DCT scale (see edge/io/images.py).
+DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
+# Audio tokens are 25 per second (spec §2.3): 120 s is 3000 tokens, most of a 4096-token context.
+DEFAULT_MAX_AUDIO_SECONDS = 120.0
+# Video frames cost 64 tokens each (one unsliced image per frame): 16 frames = 1024 tokens.
+DEFAULT_MAX_VIDEO_FRAMES = 16
+DEFAULT_QUEUE = 32
+
+
+def _help(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Attributes: see each field's `help` (also shown by `minicpmo-edge serve --help`)."""
+
+    bundle: str | None = field(default=None, metadata=_help(
+        "bundle directory (default: an installed real bundle, else the built-in random-weights one)"))
+    host: str = field(default="127.0.0.1", metadata=_help(
+        "address to bind; 0.0.0.0 exposes the server to the network (set --api-key then)"))
+    port: int = field(default=DEFAULT_PORT, metadata=_help("TCP port (0 = pick a free one)"))
+    api_key: str | None = field(default=None, metadata=_help(
+        f"require `Authorization: Bearer KEY` on /v1 (default: ${API_KEY_ENV} if set, else no key)"))
+    model_name: str = field(default=DEFAULT_MODEL_NAME, metadata=_help("model id shown by /v1/models"))
+    concurrency: int = field(default=1, metadata=_help(
+        "requests processed at once; media decoding/encoding and speech of admitted requests overlap, the LLM "
+        "(one llama.cpp sequence) serves them one at a time in arrival order"))
+    max_queue: int = field(default=DEFAULT_QUEUE, metadata=_help(
+        "requests that may wait for a slot; more get HTTP 429"))
+    max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata=_help(
+        "largest request body in bytes (HTTP 413 above)"))
+    max_image_pixels: int = field(default=DEFAULT_MAX_IMAGE_PIXELS, metadata=_help(
+        "largest decoded image in pixels (decompression-bomb guard)"))
+    max_audio_seconds: float = field(default=DEFAULT_MAX_AUDIO_SECONDS, metadata=_help(
+        "most seconds of input audio per request"))
+    max_video_frames: int = field(default=DEFAULT_MAX_VIDEO_FRAMES, metadata=_help(
+        "frames sampled from a video (1 per second, evenly spread above this)"))
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata=_help(
+        "largest max_tokens a request may ask for (HTTP 400 above)"))
+    allow_http_media: bool = field(default=False, metadata=_help(
+        "let image_url / audio_url / video_url fetch http(s) URLs (off: data URLs only)"))
+    media_dir: str | None = field(default=None, metadata=_help(
+        "directory whose files may be referenced as file:// URLs (off by default; paths outside it are refused)"))
+    allow_local_video: bool = field(default=False, metadata=_help(
+        "let video_url read file:// URLs inside --media-dir"))
+    prompt_cache: bool = field(default=True, metadata=_help(
+        "keep the KV cache of the previous request and reuse its common prefix (off: every request prefills "
+        "from scratch)"))
+    n_ctx: int = field(default=4096, metadata=_help("LLM context length in tokens"))
+    threads: int = field(default=0, metadata=_help("CPU threads for llama.cpp and onnxruntime (0 = all cores)"))
+
+    def __post_init__(self):
+        for name in ("concurrency", "max_body_bytes", "max_image_pixels", "max_video_frames", "max_tokens", "n_ctx"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"server setting {name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_queue < 0 or self.max_audio_seconds <= 0:
+            raise ValueError("max_queue must be >= 0 and max_audio_seconds > 0.")
+
+    @property
+    def media_root(self) -> Path | None:
+        return Path(self.media_dir).expanduser().resolve() if self.media_dir else None
+
+    def replace(self, **changes) -> "ServerSettings":
+        return dataclasses.replace(self, **changes)
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """One `--flag` per settings field (bools become on/off switches)."""
+    for f in dataclasses.fields(ServerSettings):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"{help_} (default: {'on' if f.default else 'off'})")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_} (default: {f.default})")
+
+
+def from_args(args: argparse.Namespace, **overrides) -> ServerSettings:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerSettings) if hasattr(args, f.name)}
+    values.update(overrides)
+    if not values.get("api_key"):
+        values["api_key"] = os.environ.get(API_KEY_ENV) or None
+    return ServerSettings(**values)

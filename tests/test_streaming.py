@@ -64,7 +64,8 @@ def omni(golden_bundle):
     from edge.llm import LLMOptions
     from edge.omni import Omni, OmniOptions
 
-    o = Omni.load(golden_bundle, OmniOptions(llm=LLMOptions.exact(n_ctx=2048)))
+    # one llama.cpp thread: on a busy 2-core box a spinning multi-thread pool slows prefill 10-100x
+    o = Omni.load(golden_bundle, OmniOptions(llm=LLMOptions.exact(n_ctx=2048, n_threads=1)))
     yield o
     o.close()
 

@@ -183,7 +183,9 @@ class AudioStream:
         feeds.update(zip(names, self._state.past))
         out = sess.run(None, feeds)
         self._state.past = out[2:]
-        embeds = out[1][0]
+        # AvgPool of a single position: torch refuses it (the official code would raise), onnxruntime returns
+        # one row; a 1-2 frame chunk has no audio token, its position stays in the cache as a key.
+        embeds = out[1][0][: pooled_tokens(mel.shape[2], self._enc.meta["pool_step"])]
         return (embeds, out[0][0]) if return_hidden else embeds
 
 
@@ -247,7 +249,7 @@ class AudioEncoder:
         chunk_pos = encoder_frames(int(self.meta["chunk_seconds"] * MEL_FRAMES_PER_SECOND))
         mask = chunk_mask(n_pos, chunk_pos) if chunked else np.zeros((n_pos, n_pos), np.float32)
         hidden, embeds = self._whole.run([OUT_HIDDEN, OUT_EMBEDS], {IN_MEL: mel, IN_MASK: mask[None, None]})
-        return AudioEncoding(embeds[0], hidden[0])
+        return AudioEncoding(embeds[0][: pooled_tokens(n_mel, self.meta["pool_step"])], hidden[0])
 
     def encode(self, mel: np.ndarray, chunked: bool = True) -> np.ndarray:
         """(n_tokens, llm_hidden) embeddings of one mel piece (80, T <= 3000)."""

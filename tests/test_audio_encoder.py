@@ -306,6 +306,9 @@ def test_token_counts_and_bad_mel(enc):
     assert pooled_tokens(100) == 25 and pooled_tokens(200) == 50 and pooled_tokens(2) == 0
     assert enc.encode(np.zeros((80, 2), np.float32)).shape == (0, enc.hidden_size)
     assert enc.stream().step(np.zeros((80, 100), np.float32)).shape == (25, enc.hidden_size)
+    s = enc.stream()
+    assert [s.step(np.zeros((80, t), np.float32)).shape[0] for t in (1, 2, 3, 4, 99)] == [0, 0, 1, 1, 25]
+    assert s.cache_length == 1 + 1 + 2 + 2 + 50
     from edge.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="mel must be"):

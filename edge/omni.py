@@ -216,13 +216,21 @@ class Omni:
                                   omni_input=omni_input)
 
     def media_embeddings(self, prompt: Prompt) -> list[np.ndarray]:
-        """One (n_tokens, hidden) array per Media of the prompt, in prompt order."""
+        """One (n_tokens, hidden) array per Media of the prompt, in prompt order.
+
+        The official processor zero-pads the mel pieces of all audios of a prompt into one batch, which changes
+        the last token of an odd-length piece; `batch_frames` reproduces that."""
+        from edge.audio_encoder import piece_frames
+
+        waves = [m.payload["wave"] for m in prompt.media if m.kind == "audio"]
+        batch_frames = max((piece_frames(len(w)) for w in waves), default=None)
         out = []
         for media in prompt.media:
             if media.kind == "image":
                 out.append(self.vision(media.payload).reshape(-1, self.llm.n_embd))
             else:
-                out.append(self.audio.encode_audio(media.payload["wave"], chunked=media.payload["chunked"]))
+                out.append(self.audio.encode_audio(media.payload["wave"], chunked=media.payload["chunked"],
+                                                   batch_frames=batch_frames))
         return out
 
     def segments(self, prompt: Prompt, embeds: list[np.ndarray] | None = None) -> list:

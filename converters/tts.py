@@ -32,7 +32,7 @@ import numpy as np
 
 from converters.checkpoint import Checkpoint
 from edge.bundle import BundleFile, BundlePart
-from edge.errors import ModelFilesNotFoundError
+from edge.errors import CorruptModelFileError, ModelFilesNotFoundError
 from edge.tts import backbone as B
 from edge.tts import decoder as D
 from edge.tts.text import TOKENIZER_DIR, TOKENIZER_FILES
@@ -80,7 +80,7 @@ def _say(progress: bool, msg: str) -> None:
         print(f"[tts] {msg}", file=sys.stderr, flush=True)
 
 
-# --- torch modules (imported lazily: torch is a converter-only dependency) -------------------------------------------
+# --- torch modules (imported lazily: torch is a converter-only dependency) ----------------------------------------
 def _modules():
     import torch
     from torch import nn
@@ -127,7 +127,8 @@ def _modules():
             for i in range(n_layers):
                 p = f"tts.model.layers.{i}."
                 m = nn.Module()
-                m.ln1, m.ln2 = RMSNorm(get(p + "input_layernorm.weight")), RMSNorm(get(p + "post_attention_layernorm.weight"))
+                m.ln1 = RMSNorm(get(p + "input_layernorm.weight"))
+                m.ln2 = RMSNorm(get(p + "post_attention_layernorm.weight"))
                 for n in ("q", "k", "v", "o"):
                     setattr(m, n, lin(get(f"{p}self_attn.{n}_proj.weight")))
                 for n in ("gate", "up", "down"):
@@ -256,7 +257,7 @@ def _modules():
     return dict(Llama=Llama, Projector=Projector, Dvae=Dvae, Vocos=Vocos)
 
 
-# --- export ------------------------------------------------------------------------------------------------------------
+# --- export -------------------------------------------------------------------------------------------------------
 INT8_MIN_COSINE = 0.99  # below this on the export probe an int8 graph is not written (the runtime uses fp32)
 HEADS_NODE_PREFIX = "/heads/"  # TorchScript exporter node names of the `heads` Linear in the backbone graph
 
@@ -336,8 +337,13 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
         raise ModelFilesNotFoundError(f"{ckpt.root}/config.json has no tts_config: this checkpoint has no TTS.")
     cfg = _Cfg(dict(ckpt.config["tts_config"]))
     if not cfg["use_mlp"] or not cfg["use_speaker_embedding"]:
-        raise ModelFilesNotFoundError("only the MiniCPM-o 2.6 TTS layout (use_mlp and use_speaker_embedding) is "
+        raise CorruptModelFileError("only the MiniCPM-o 2.6 TTS layout (use_mlp and use_speaker_embedding) is "
                                       "supported; the official code raises NotImplementedError otherwise too.")
+    llm_hidden = ckpt.config.get("hidden_size")
+    if llm_hidden is not None and llm_hidden != cfg["llm_dim"]:
+        raise CorruptModelFileError(
+            f"tts_config.llm_dim is {cfg['llm_dim']} but the LLM hidden size is {llm_hidden}; the speaker projector "
+            "maps the LLM's <|spk|> state, so they must match (spec §10).")
     ckpt.require(_required(cfg))
     vocos_path, tok_src = ckpt.root / VOCOS_FILE, ckpt.root / TOKENIZER_SRC
     for p in (vocos_path, tok_src / "tokenizer.json"):
@@ -395,8 +401,8 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
             axes[nm] = {2: "n"}
     targs = tuple(torch.from_numpy(feed[k]) for k in [B.IN_EMBEDS, B.IN_POSITIONS, B.IN_MASK] + past_in)
     path = out_dir / rel("backbone.fp32.onnx")
-    _onnx_export(llama, targs, path, [B.IN_EMBEDS, B.IN_POSITIONS, B.IN_MASK] + past_in, [B.OUT_HIDDEN, B.OUT_LOGITS] + past_out,
-                 axes)
+    _onnx_export(llama, targs, path, [B.IN_EMBEDS, B.IN_POSITIONS, B.IN_MASK] + past_in,
+                 [B.OUT_HIDDEN, B.OUT_LOGITS] + past_out, axes)
     ref = [r.detach().numpy() for r in llama(*targs)]
     checks["backbone"] = _check("backbone", _run(path, feed), llama(*targs))
     files[B.variant_role(B.ROLE_BACKBONE, "fp32")] = rel("backbone.fp32.onnx")

@@ -13,7 +13,7 @@ from edge.bundle import Bundle
 from edge.errors import InvalidInputError
 from edge.tts import TTS, SamplingOptions, TTSOptions
 from edge.tts.backbone import MASK_MIN, build_text_mask, step_mask
-from edge.tts.decoder import istft_same, overlap_add2
+from edge.tts.decoder import overlap_add2
 from edge.tts.sampling import CodeSampler, repetition_penalty, top_k_filter, top_p_filter
 from edge.tts.text import normalize_piece, prepare_tts_text, replace_numbers, sentence_end
 from tests.conftest import cosine, rel_err
@@ -70,7 +70,7 @@ def _greedy_codes(t: TTS, ref) -> np.ndarray:
     return np.stack(st.codes)
 
 
-# --- golden: text side -------------------------------------------------------------------------------------------------
+# --- golden: text side --------------------------------------------------------------------------------------------
 def test_prompt_ids_and_text_mask_exact(tts, golden_ref):
     prompt, n = prepare_tts_text(str(golden_ref["tts_text"]), tts.tokenizer)
     assert prompt == str(golden_ref["tts_prompt"])
@@ -102,7 +102,7 @@ def test_step_mask_matches_official_rule(tts, golden_ref, past):
         assert (got[0, 303:] == 0).all()  # every audio position, the current one included
 
 
-# --- golden: backbone ------------------------------------------------------------------------------------------------
+# --- golden: backbone ---------------------------------------------------------------------------------------------
 def test_step_logits_teacher_forced_golden(tts, golden_ref):
     got = _teacher_forced(tts, golden_ref)
     err = rel_err(got, golden_ref["tts_step_logits"])
@@ -114,7 +114,7 @@ def test_greedy_codes_exact(tts, golden_ref):
     np.testing.assert_array_equal(_greedy_codes(tts, golden_ref), golden_ref["tts_codes"])
 
 
-# --- golden: DVAE + Vocos --------------------------------------------------------------------------------------------
+# --- golden: DVAE + Vocos -----------------------------------------------------------------------------------------
 def test_dvae_vocos_golden(tts, golden_ref):
     d = tts.decoder
     errs = {
@@ -127,7 +127,7 @@ def test_dvae_vocos_golden(tts, golden_ref):
     assert max(errs.values()) <= TOL, errs
 
 
-# --- independent torch reference: transformers LlamaModel -----------------------------------------------------------------
+# --- independent torch reference: transformers LlamaModel ---------------------------------------------------------
 def _hf_heads(ckpt):
     """The 4 code heads with torch's own weight-norm parametrisation (stored g = original0, v = original1)."""
     import torch
@@ -203,7 +203,7 @@ def test_backbone_vs_transformers_llama(tts, golden_ckpt, golden_ref):
     assert err_logits <= TOL and err_kv <= TOL and err_golden <= TOL
 
 
-# --- streaming vs one-shot ---------------------------------------------------------------------------------------------
+# --- streaming vs one-shot ----------------------------------------------------------------------------------------
 def _official_overlap_add_torch(prev: np.ndarray, cur: np.ndarray, overlap: int):
     """Independent torch re-statement of `_linear_overlap_add2_wav`."""
     import torch
@@ -291,7 +291,7 @@ def test_kv_cache_growth_keeps_contents_and_results(tts, golden_ref):
     assert rel_err(out[0], out[1]) <= 1e-6
 
 
-# --- int8 --------------------------------------------------------------------------------------------------------------
+# --- int8 ---------------------------------------------------------------------------------------------------------
 def test_int8_figures(tts8, golden_ref):
     assert tts8.backbone.variant == "int8"
     logits = _teacher_forced(tts8, golden_ref)
@@ -312,7 +312,7 @@ def test_int8_figures(tts8, golden_ref):
     assert figs["codes_match"] == 1.0  # the code heads stay fp32 in the int8 graph (tiny margins)
 
 
-# --- sampling ----------------------------------------------------------------------------------------------------------
+# --- sampling -----------------------------------------------------------------------------------------------------
 def test_warpers_match_transformers():
     import torch
     from transformers import TopKLogitsWarper, TopPLogitsWarper
@@ -366,7 +366,7 @@ def test_sampler_eos_rule_and_support():
     np.testing.assert_array_equal(g(logits, hist, 20, False), logits.argmax(1))
 
 
-# --- text normaliser -----------------------------------------------------------------------------------------------------
+# --- text normaliser ----------------------------------------------------------------------------------------------
 def test_text_normaliser_official_rules(tts):
     assert replace_numbers("I have 23 books", "english") == "I have two three books"
     assert replace_numbers("我有2个苹果", "chinese") == "我有二个苹果"
@@ -379,7 +379,7 @@ def test_text_normaliser_official_rules(tts):
     assert len(tts.tokenizer.encode(prompt)) == 303
 
 
-# --- bad input -----------------------------------------------------------------------------------------------------------
+# --- bad input ----------------------------------------------------------------------------------------------------
 def test_bad_input_errors(tts, tts_bundle):
     with pytest.raises(InvalidInputError, match="EOS"):
         tts.decoder.codes_to_mel(np.full((3, 4), 625))
@@ -391,7 +391,7 @@ def test_bad_input_errors(tts, tts_bundle):
         tts.decoder.mel_to_wav(np.zeros((80, 4), np.float32))
 
 
-# --- segment roll-over -------------------------------------------------------------------------------------------------
+# --- segment roll-over --------------------------------------------------------------------------------------------
 def _hf_llama(ckpt):
     import torch
     from transformers import LlamaConfig, LlamaModel
@@ -448,7 +448,8 @@ def test_rollover_audio_prefill_vs_transformers(tts, golden_ckpt, golden_ref):
                     use_cache=True, cache_position=torch.tensor([past]), attention_mask=mask)
         ref = torch.stack([head(out.last_hidden_state[0, -1]) for head in _hf_heads(golden_ckpt)]).numpy()
     err = rel_err(ours, ref)
-    k_err = rel_err(st.cache.keys[:, :, :, :past + 1], torch.stack([out.past_key_values[i][0] for i in range(nl)]).numpy())
+    k_ref = torch.stack([out.past_key_values[i][0] for i in range(nl)]).numpy()
+    k_err = rel_err(st.cache.keys[:, :, :, :past + 1], k_ref)
     print(f"\nroll-over prefill vs transformers: logits rel {err:.2e}, keys rel {k_err:.2e}")
     assert err <= TOL and k_err <= TOL
 

@@ -199,7 +199,7 @@ class TtsBackbone:
         self.emb_code = np.load(bundle.file(keys.PART_TTS, ROLE_EMB_CODE))
         self._out_names = [OUT_HIDDEN, OUT_LOGITS] + [n for i in range(self.dims.num_layers) for n in new_names(i)]
 
-    # --- embeddings ---------------------------------------------------------------------------------------------
+    # --- embeddings -----------------------------------------------------------------------------------------------
     def project_speaker(self, llm_hidden: np.ndarray) -> np.ndarray:
         """`projector` + L2 norm of the LLM's `<|spk|>` hidden state(s): (n, llm_dim) -> (n, hidden)."""
         h = np.asarray(llm_hidden, dtype=np.float32)
@@ -239,7 +239,7 @@ class TtsBackbone:
     def audio_bos_embed(self) -> np.ndarray:
         return self.emb_text[[self.dims.audio_bos_token_id]]
 
-    # --- decoder -------------------------------------------------------------------------------------------------
+    # --- decoder --------------------------------------------------------------------------------------------------
     def new_cache(self) -> KVCache:
         """Zero cache of condition_length - 1 = 302 positions, as `_generate_mel_spec*` allocate it."""
         d = self.dims

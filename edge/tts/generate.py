@@ -111,7 +111,7 @@ class TTS:
         self.dims = self.backbone.dims
         self.sample_rate = self.decoder.sample_rate
 
-    # --- building blocks ---------------------------------------------------------------------------------------------
+    # --- building blocks ------------------------------------------------------------------------------------------
     def new_state(self) -> TtsState:
         return TtsState(self.backbone.new_cache())
 
@@ -159,10 +159,11 @@ class TTS:
         new = state.codes[start:]
         return np.stack(new) if new else np.zeros((0, self.dims.num_vq), dtype=np.int64)
 
-    # --- non-streaming ---------------------------------------------------------------------------------------------
+    # --- non-streaming --------------------------------------------------------------------------------------------
     def synthesize_codes(self, text: str, spk_hidden: np.ndarray) -> np.ndarray:
-        """`_generate_mel_spec`: every text chunk (padding included), 25 frames each, then until EOS/max."""
-        ids, n = self.prompt_ids(text)
+        """`_generate_mel_spec`: every text chunk (padding included), 25 frames each, then until EOS/max. The text
+        between `<|tts_bos|>` and `<|tts_eos|>` is spoken when those markers are present (as official)."""
+        ids, n = self.prompt_ids(text.split(keys.TTS_BOS)[-1].split(keys.TTS_EOS)[0])
         mask = build_text_mask(n, self.dims)
         spk = self.speaker_embedding(spk_hidden)
         st, sampler, per = self.new_state(), self.new_sampler(), self.options.codes_per_call
@@ -184,7 +185,7 @@ class TTS:
             return np.zeros(0, np.float32)
         return self.decoder.codes_to_wav(codes)
 
-    # --- streaming ----------------------------------------------------------------------------------------------------
+    # --- streaming ------------------------------------------------------------------------------------------------
     def stream(self, pieces: Iterable[str], spk_hidden: np.ndarray,
                states: list[TtsState] | None = None) -> Iterator[np.ndarray]:
         """Yield float32 24 kHz chunks while LLM text `pieces` arrive (see the module docstring).

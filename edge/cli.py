@@ -59,6 +59,13 @@ def _cmd_demo(a) -> None:
     run_demo(bundle=a.bundle, speak=not a.no_speech, output_audio=a.output_audio, threads=a.threads)
 
 
+def _cmd_live(a) -> None:
+    from edge.live import LiveArgs, run_live
+
+    fields = LiveArgs.__dataclass_fields__
+    run_live(LiveArgs(**{k: v for k, v in vars(a).items() if k in fields}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minicpmo-edge", description="On-device runtime for MiniCPM-o 2.6.")
     p.add_argument("--version", action="version", version=f"minicpmo-edge {__version__}")
@@ -71,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output-audio", default="demo-reply.wav", help="where the spoken reply is written")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("live", help="live conversation: camera + microphone (or files) -> speech, with barge-in")
+    from edge.live import add_live_arguments
+
+    add_live_arguments(s)
+    s.set_defaults(fn=_cmd_live)
 
     s = sub.add_parser("synth", help="write a synthetic checkpoint (official layout, random weights)")
     s.add_argument("out_dir")

@@ -3,6 +3,7 @@ reference (transformers LlamaModel with the official streaming masks), streaming
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ from edge.tts import TTS, SamplingOptions, TTSOptions
 from edge.tts.backbone import MASK_MIN, build_text_mask, step_mask
 from edge.tts.decoder import overlap_add2
 from edge.tts.sampling import CodeSampler, repetition_penalty, top_k_filter, top_p_filter
-from edge.tts.text import normalize_piece, prepare_tts_text, replace_numbers, sentence_end
+from edge.tts.text import NumberStyle, normalize_piece, prepare_tts_text, replace_numbers, sentence_end
 from tests.conftest import cosine, rel_err
 
 TOL = 1e-4  # golden README: float32 d <= 1e-4 * max|ref|
@@ -374,6 +375,9 @@ def test_text_normaliser_official_rules(tts):
     assert sentence_end("It costs 3.5 dollars") == ""
     assert sentence_end("Done. Next") == "."
     assert sentence_end("你好！") == "！"
+    if importlib.util.find_spec("num2words"):  # optional NumberStyle.CARDINAL
+        assert replace_numbers("I have 23 books", "english", NumberStyle.CARDINAL) == "I have twenty-three books"
+        assert replace_numbers("我有23个", "chinese", NumberStyle.CARDINAL) == "我有二三个"
     prompt, n = prepare_tts_text("word " * 400, tts.tokenizer)
     assert n == 300 and "[Etts]" not in prompt
     assert len(tts.tokenizer.encode(prompt)) == 303

@@ -4,7 +4,7 @@ The official streaming TTS (`_generate_mel_spec_audio_streaming`) speaks the LLM
 `NumberToTextConverter.replace_numbers_with_text(piece, lang).replace("*", "")` per streamed piece; the language is
 detected once from the first two pieces. The official converter reads numbers *digit by digit* ("23" -> "two three",
 "二三") and needs no library; that is the default here (`NumberStyle.DIGITS`). `NumberStyle.CARDINAL` ("twenty-three")
-is an option that uses the `num2words` package (imported only when chosen). The non-streaming path
+is an option for English that uses the `num2words` package (imported only when chosen). The non-streaming path
 (`_generate_mel_spec`) does no normalisation at all.
 
 `prepare_tts_text` builds `[Stts][spk_emb]` + text + `[Etts]` + `[PAD]`... + `[Ptts]` so that text + `[Etts]` +
@@ -91,21 +91,22 @@ def detect_language(text: str) -> str:
     return "chinese" if zh >= en else "english"
 
 
-def _cardinal(num: str, language: str) -> str:
+def _cardinal_en(num: str) -> str:
     try:
         from num2words import num2words
     except ImportError as e:  # optional dependency
         raise InvalidInputError("NumberStyle.CARDINAL needs the num2words package: `pip install num2words`, or use "
                                 "NumberStyle.DIGITS (the official behaviour).") from e
-    return num2words(int(num), lang="zh" if language == "chinese" else "en")
+    return num2words(int(num), lang="en")
 
 
 def replace_numbers(text: str, language: str, style: NumberStyle = NumberStyle.DIGITS) -> str:
     """Replace each run of digits, left to right, the way `NumberToTextConverter.replace_numbers_with_text` does
-    (first occurrence of each number string, in order of appearance)."""
+    (first occurrence of each number string, in order of appearance). CARDINAL applies to English only (num2words
+    has no Chinese); Chinese keeps the official digit-by-digit reading."""
     for num in re.findall(r"\d+", text):
-        if style == NumberStyle.CARDINAL:
-            rep = _cardinal(num, language)
+        if style == NumberStyle.CARDINAL and language != "chinese" and num.isascii():
+            rep = _cardinal_en(num)
         elif language == "chinese":
             rep = "".join(_DIGITS_ZH[int(c)] for c in num if c.isascii())
         else:

@@ -106,6 +106,7 @@ class TurnTrace:
     prefill_done: float | None = None
     first_token: float | None = None
     first_audio: float | None = None
+    decode_end: float | None = None  # last token decoded (tokens / (decode_end - first_token) = decode rate)
     end: float | None = None
     interrupted: bool = False
     completed: bool = False
@@ -246,6 +247,7 @@ class _Reply:
         except Exception as e:  # noqa: BLE001 - reported; the control thread ends the session
             o.fault(f"reply generation failed: {e}", fatal=True)
         finally:
+            self.trace.decode_end = o.now()
             self.trace.text = "".join(text)
             self.trace.tokens = len(self.tokens)
             self._spk_ready.set()

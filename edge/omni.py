@@ -352,6 +352,60 @@ class Omni:
                                     "with generate_audio=True (it switches to the TTS template).")
         return self.tts.synthesize(text, spk_embed), self.tts.sample_rate
 
+    # --- TTS stage by stage (issue 8's introspection API) ---------------------------------------------------------
+    def tts_prepare_text(self, text: str) -> tuple[str, np.ndarray, np.ndarray]:
+        """(prompt text `[Stts][spk_emb]text[Etts][PAD]...[Ptts]`, its ChatTTS ids, the streaming text mask)."""
+        from edge.tts.backbone import build_text_mask
+        from edge.tts.text import prepare_tts_text
+
+        t = self.tts
+        prompt, n = prepare_tts_text(text, t.tokenizer, t.dims.reserved_len, t.dims.num_spk_embs)
+        ids, _ = t.prompt_ids(text)
+        return prompt, ids, build_text_mask(n, t.dims)
+
+    def tts_schedule(self, text: str, n_codes_per_call: int | None = None) -> list[tuple[int, int, int]]:
+        """The official streaming cadence as (text begin, text end, total codes after the call) per text chunk."""
+        t = self.tts
+        _, n = t.prompt_ids(text)
+        per = n_codes_per_call or t.options.codes_per_call
+        n_chunks = max(1, -(-n // t.dims.text_chunk))
+        return [(*t.chunk_range(i), per * (i + 1)) for i in range(n_chunks)]
+
+    def tts_step_logits(self, spk_embed: np.ndarray, text: str, codes: np.ndarray,
+                        schedule: Sequence[tuple[int, int, int]] | None = None) -> np.ndarray:
+        """Teacher-forced (n_codes, num_vq, num_audio_tokens) code logits: at every step the given `codes` are
+        fed back instead of sampled ones. `schedule` as `tts_schedule` (default: the official cadence)."""
+        t = self.tts
+        _, ids, mask = self.tts_prepare_text(text)
+        spk = t.speaker_embedding(spk_embed)
+        st, out = t.new_state(), []
+        for begin, end, total in schedule or self.tts_schedule(text):
+            t.backbone.prefill_text(st.cache, ids[begin:end], int(begin), spk if begin == 0 else None)
+            while len(st.codes) < min(int(total), len(codes)):
+                emb = t.backbone.audio_bos_embed() if not st.codes else t.backbone.code_embeds(st.codes[-1])
+                out.append(t.backbone.step(st.cache, emb, mask))
+                st.codes.append(np.asarray(codes[len(st.codes)]))
+        return np.stack(out)
+
+    def tts_greedy_codes(self, spk_embed: np.ndarray, text: str,
+                         schedule: Sequence[tuple[int, int, int]] | None = None) -> np.ndarray:
+        """Greedy (argmax, eos masked during the official minimum length) codes, (n, num_vq)."""
+        from edge.tts.sampling import SamplingOptions as CodeSampling
+
+        t = self.tts
+        _, ids, mask = self.tts_prepare_text(text)
+        spk = t.speaker_embedding(spk_embed)
+        st, sampler = t.new_state(), t.new_sampler(CodeSampling(greedy=True))
+        for begin, end, total in schedule or self.tts_schedule(text):
+            t.backbone.prefill_text(st.cache, ids[begin:end], int(begin), spk if begin == 0 else None)
+            t.generate(st, mask, int(total) - len(st.codes), sampler)
+        return np.stack(st.codes) if st.codes else np.zeros((0, t.dims.num_vq), np.int64)
+
+    def decode_codes(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mel (100, 2n), 24 kHz wave) of audio codes (n, num_vq): DVAE decoder then Vocos + ISTFT."""
+        mel = self.tts.decoder.codes_to_mel(np.asarray(codes))
+        return mel, self.tts.decoder.mel_to_wav(mel)
+
     @property
     def tts(self):
         if self._tts is None:

@@ -115,8 +115,8 @@ class TTS:
     def new_state(self) -> TtsState:
         return TtsState(self.backbone.new_cache())
 
-    def new_sampler(self) -> CodeSampler:
-        return CodeSampler(self.options.sampling, num_vq=self.dims.num_vq, eos_id=self.dims.eos_id,
+    def new_sampler(self, sampling: SamplingOptions | None = None) -> CodeSampler:
+        return CodeSampler(sampling or self.options.sampling, num_vq=self.dims.num_vq, eos_id=self.dims.eos_id,
                            config_top_p=self.meta.get("top_p"), config_top_k=self.meta.get("top_k"),
                            config_repetition_penalty=self.meta.get("repetition_penalty", 1.0))
 

@@ -97,13 +97,20 @@ def key_matches(given: str | None, key: str) -> bool:
 
 
 # --- request helpers -----------------------------------------------------------------------------------------------
+# pydantic puts the names of union members into error locations; they are not request fields.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-plain"}
+
+
+def _fields(loc) -> list[str]:
+    return [str(x) for x in loc if x != "body" and not (isinstance(x, str) and ("[" in x or x in _UNION_MEMBERS))]
+
+
 def format_validation(e: ValidationError | RequestValidationError) -> APIError:
-    errs = e.errors()
-    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
-    param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None
-    more = f" (+{len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
-    return bad_request(f"invalid request: {param or 'body'}: {first['msg']}{more}.", param, "invalid_request")
+    """The most specific problem (deepest field; for a union, the member that got furthest) as a 400."""
+    errs = e.errors() or [{"loc": (), "msg": "invalid request"}]
+    best = max(errs, key=lambda x: len(_fields(x.get("loc", ()))))
+    param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in _fields(best.get("loc", ()))).lstrip(".") or None
+    return bad_request(f"invalid request: {param or 'body'}: {best['msg']}.", param, "invalid_request")
 
 
 async def read_json(request: Request, model: type[BaseModel]):
@@ -314,7 +321,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
                               "response_format")
         voice = await run_in_threadpool(chatlib.voice_messages, req.voice, decoder, "voice")
         msgs = voice + [{"role": "user", "content": [TTS_READ_PROMPT, req.input]}]
-        job = Job(messages=msgs, speak_text=req.input, stream_audio=True)
+        job = Job(messages=msgs, speak_text=req.input, stream_audio=True, tts_seed=req.seed)
         try:
             events, _ = await run_job(request, job)
         except ClientGone:

@@ -168,7 +168,7 @@ def make_job(req: ChatCompletionRequest, converted, plan: ChatPlan, max_new: int
     msgs = with_voice(converted.messages, voice_msgs) if plan.speak else converted.messages
     return Job(messages=msgs, prompt_kwargs=converted.prompt_kwargs, sampling=sampling_options(req),
                max_new_tokens=max_new, min_new_tokens=req.min_tokens or 0, stop=stops, speak=plan.speak,
-               stream_audio=plan.speak and plan.stream)
+               stream_audio=plan.speak and plan.stream, tts_seed=req.seed)
 
 
 def usage(prompt: PromptReady, completion_tokens: int) -> Usage:

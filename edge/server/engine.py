@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,7 @@ class Job:
     speak: speak the reply with the TTS (switches the prompt to the TTS template).
     stream_audio: speech chunks while the text is generated (else one wave after the text).
     speak_text: no generation: speak this text with the speaker state of `messages` (audio/speech endpoint).
+    tts_seed: seed of the speech-code sampler (None = fresh entropy); with it, speech is reproducible too.
     """
 
     messages: list
@@ -62,6 +64,7 @@ class Job:
     speak: bool = False
     stream_audio: bool = False
     speak_text: str | None = None
+    tts_seed: int | None = None
 
 
 @dataclass
@@ -383,7 +386,7 @@ class Engine:
                 reply = _Reply(events, o.stop_ids(), job.stop, emit, o.llm)
                 spoken = speak and job.stream_audio
                 if spoken:
-                    self._speak_stream(reply.pieces(), spk, emit, cancel)
+                    self._speak_stream(reply.pieces(), spk, emit, cancel, job.tts_seed)
                 else:
                     for _ in reply.pieces():
                         pass
@@ -392,16 +395,26 @@ class Engine:
             return Finished(text, n_tok, "interrupted")
         if speak and not spoken and text.strip():
             if job.stream_audio:
-                self._speak_stream(iter(_WORD.findall(text)), spk, emit, cancel)
+                self._speak_stream(iter(_WORD.findall(text)), spk, emit, cancel, job.tts_seed)
             else:
                 with self._tts_lock:
-                    wave = o.tts.synthesize(text, spk)
+                    wave = self._seeded_tts(job.tts_seed).synthesize(text, spk)
                 emit(AudioDelta(wave, o.tts.sample_rate))
         return Finished(text, n_tok, "interrupted" if cancel.is_set() else reason)
 
-    def _speak_stream(self, pieces: Iterator[str], spk: np.ndarray, emit, cancel: threading.Event) -> None:
+    def _seeded_tts(self, seed: int | None):
+        """The shared TTS with this request's sampler seed (call with `_tts_lock` held: the options are shared;
+        the TTS builds a fresh sampler, hence a fresh RNG, per utterance)."""
+        tts = self.omni.tts
+        if tts.options.sampling.seed != seed:
+            tts.options = dataclasses.replace(tts.options,
+                                              sampling=dataclasses.replace(tts.options.sampling, seed=seed))
+        return tts
+
+    def _speak_stream(self, pieces: Iterator[str], spk: np.ndarray, emit, cancel: threading.Event,
+                      seed: int | None = None) -> None:
         with self._tts_lock:
-            tts = self.omni.tts
+            tts = self._seeded_tts(seed)
             chunks = tts.stream(pieces, spk)
             try:
                 for chunk in chunks:

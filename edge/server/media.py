@@ -157,7 +157,8 @@ class MediaDecoder:
                               param)
         if isinstance(part, ImagePart):
             out.n_images += 1
-            return [self.image(self.fetch(part.image_url.url, f"{param}.image_url", kind="image"), param)]
+            p = f"{param}.image_url"
+            return [self.image(self.fetch(part.image_url.url, p, kind="image"), p)]
         if isinstance(part, InputAudioPart):
             raw = decode_base64(part.input_audio.data, f"{param}.input_audio.data")
             return [self._count_audio(self.audio(raw, f"{param}.input_audio", part.input_audio.format), out)]
@@ -165,7 +166,8 @@ class MediaDecoder:
             raw = self.fetch(part.audio_url.url, f"{param}.audio_url", kind="audio")
             return [self._count_audio(self.audio(raw, f"{param}.audio_url"), out)]
         if isinstance(part, VideoURLPart):
-            frames = self.video(self.fetch(part.video_url.url, f"{param}.video_url", kind="video"), param)
+            p = f"{param}.video_url"
+            frames = self.video(self.fetch(part.video_url.url, p, kind="video"), p)
             out.n_video_frames += len(frames)
             return list(frames)
         raise bad_request(f"{param}: unsupported content part {type(part).__name__}.", param)

@@ -282,7 +282,8 @@ class RealtimeSession:
         msgs.append(user)
         sampling = chatlib.sampling_options(c)
         return Job(messages=msgs, prompt_kwargs=kwargs, sampling=sampling,
-                   max_new_tokens=c.max_tokens or self.s.max_tokens, speak=speak, stream_audio=speak)
+                   max_new_tokens=c.max_tokens or self.s.max_tokens, speak=speak, stream_audio=speak,
+                   tts_seed=c.seed)
 
     async def _respond(self, rid: str, user: dict, kwargs: dict) -> None:
         t0 = time.perf_counter()

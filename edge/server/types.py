@@ -107,6 +107,7 @@ class SpeechRequest(_Lenient):
     response_format: str = "wav"
     speed: float | None = None
     instructions: str | None = None
+    seed: int | None = None  # extension: makes the sampled speech reproducible
 
 
 # --- responses ---------------------------------------------------------------------------------------------------

@@ -55,8 +55,10 @@ class ThreadSplit:
     """CPU threads for llama.cpp and for onnxruntime (encoders, TTS, VAD).
 
     During a reply, LLM decode and TTS run at the same time, so their sum should not exceed the cores.
-    Measured defaults (bench/e2e.py): 2 cores -> 1 + 1; 4 cores -> 2 + 2; 8 cores -> 5 + 3 (decode is
-    memory-bound and stops scaling near 4-6 threads; the TTS step is small and wants 1-3)."""
+    2 cores -> 1 + 1, measured: on a busy 2-core box llama.cpp with 2 (spinning) threads took 0.5-8.4 s to
+    prefill one 98-token unit of the tiny bundle, with 1 thread 40-100 ms. 4 cores -> 2 + 2 and 8 cores -> 5 + 3
+    are NOT measured yet (rule of thumb: decode is memory-bound and stops scaling near 4-6 threads, the TTS
+    step is small); run bench/e2e.py --threads LLM,ORT on such a box to confirm."""
 
     llm_threads: int
     ort_threads: int

@@ -66,6 +66,40 @@ def _cmd_live(a) -> None:
     run_live(LiveArgs(**{k: v for k, v in vars(a).items() if k in fields}))
 
 
+def _cmd_serve(a) -> None:
+    from edge.server.settings import from_args
+
+    try:
+        from edge.server.app import serve
+    except ImportError as e:
+        raise RuntimeError(f"the server needs its extra dependencies ({e.name} is missing): "
+                           "pip install -e '.[server]'") from e
+    serve(from_args(a), log_level="debug" if a.debug else "info")
+
+
+def _cmd_chat(a) -> None:
+    from edge.chat_repl import ChatOptions, run_chat
+
+    run_chat(ChatOptions(bundle=a.bundle, images=tuple(a.image), audios=tuple(a.audio), video=a.video,
+                         voice=a.voice, speak=a.speak, save_audio=a.save_audio, system=a.system,
+                         max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed, threads=a.threads))
+
+
+def _cmd_bench(a) -> None:
+    import importlib
+    import pkgutil
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "__init__.py").is_file():
+        raise RuntimeError("benchmarks live in the source checkout (bench/); run this from a git clone.")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    names = sorted(m.name for m in pkgutil.iter_modules([str(root / "bench")]) if m.name != "common")
+    if a.name not in names:
+        raise RuntimeError(f"unknown benchmark {a.name!r}; available: {', '.join(names)}")
+    importlib.import_module(f"bench.{a.name}").main(a.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minicpmo-edge", description="On-device runtime for MiniCPM-o 2.6.")
     p.add_argument("--version", action="version", version=f"minicpmo-edge {__version__}")
@@ -112,6 +146,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("bundle")
     s.add_argument("--verify", action="store_true", help="check every file's sha256")
     s.set_defaults(fn=_cmd_info)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (+ /v1/realtime WebSocket) on a bundle")
+    s.add_argument("bundle", nargs="?", help="bundle dir (default: an installed real bundle, else the built-in one)")
+    from edge.server.settings import add_arguments
+
+    add_arguments(s, skip=("bundle",))
+    s.set_defaults(fn=_cmd_serve)
+
+    s = sub.add_parser("chat", help="interactive chat in the terminal (text, images, audio, video, speech)")
+    s.add_argument("--bundle", help="bundle dir (default: an installed real bundle, else the built-in one)")
+    s.add_argument("--image", action="append", default=[], help="image file for the first turn (repeatable)")
+    s.add_argument("--audio", action="append", default=[], help="audio file for the first turn (repeatable)")
+    s.add_argument("--video", help="video file for the first turn (1 frame per second)")
+    s.add_argument("--voice", help="reference clip (wav/mp3/flac) whose voice the spoken replies clone")
+    s.add_argument("--speak", action="store_true", help="speak the replies on the speakers")
+    s.add_argument("--save-audio", metavar="DIR", help="write each spoken reply to DIR/reply-N.wav")
+    s.add_argument("--system", help="system prompt")
+    s.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default: 512)")
+    s.add_argument("--temperature", type=float, help="sampling temperature (default: official 0.7; 0 = greedy)")
+    s.add_argument("--seed", type=int, help="sampling seed for reproducible replies")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    s.set_defaults(fn=_cmd_chat)
+
+    s = sub.add_parser("bench", help="run a benchmark from bench/ (e.g. `bench server --help`)")
+    s.add_argument("name", help="benchmark module in bench/ (llm, vision, audio, tts, server, ...)")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    s.set_defaults(fn=_cmd_bench)
     return p
 
 

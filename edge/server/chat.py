@@ -31,7 +31,7 @@ import uuid
 import numpy as np
 
 from edge.sampling import SamplingOptions
-from edge.server.engine import AudioDelta, Finished, Job, PromptReady, TextDelta
+from edge.server.engine import AudioDelta, Finished, Job, PromptReady, TextDelta, clone_voice_message
 from edge.server.errors import APIError, bad_request, from_exception
 from edge.server.settings import ServerSettings
 from edge.server.types import (AssistantMessage, AudioData, ChatCompletion, ChatCompletionChunk,
@@ -44,8 +44,6 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer",
                            "verse", "marin", "cedar"})
 DEFAULT_VOICE = "default"
-# Official get_sys_prompt(mode="audio_assistant") with a reference clip (spec §3.3), sent as a user message.
-CLONE_PROMPT = ("Clone the voice in the provided audio prompt.", "As an assistant, you will speak using this voice style.")
 # Audio output containers (soundfile format, subtype) and their MIME types.
 AUDIO_FORMATS = {
     "wav": ("WAV", "PCM_16", "audio/wav"),
@@ -81,7 +79,7 @@ def voice_messages(voice: str, decoder, param: str) -> list[dict]:
         from edge.server.media import decode_data_url
 
         ref = decoder.audio(decode_data_url(voice, param), param)
-        return [{"role": "user", "content": [CLONE_PROMPT[0], ref, CLONE_PROMPT[1]]}]
+        return [clone_voice_message(ref)]
     raise bad_request(f"{param}: unknown voice {voice!r}; use 'default' (OpenAI voice names are aliases of it) "
                       "or a data:audio/wav;base64,... URL of a reference clip to clone.", param, "invalid_voice")
 

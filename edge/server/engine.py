@@ -39,6 +39,15 @@ WARMUP_TOKENS = 2  # one prefill + a decode step: the first llama.cpp calls allo
 _WORD = re.compile(r"\S+\s*|\s+")  # how a fixed text is fed to the streaming TTS (word by word)
 
 
+# Official get_sys_prompt(mode="audio_assistant") with a reference clip (spec §3.3): a user message around the clip.
+CLONE_PROMPT = ("Clone the voice in the provided audio prompt.", "As an assistant, you will speak using this voice style.")
+
+
+def clone_voice_message(ref_wave: np.ndarray) -> dict:
+    """The official voice-cloning prompt for a 16 kHz reference clip (put it before the conversation)."""
+    return {"role": "user", "content": [CLONE_PROMPT[0], ref_wave, CLONE_PROMPT[1]]}
+
+
 # --- job and events ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Job:
@@ -325,6 +334,10 @@ class Engine:
                 yield item
         finally:
             cancel.set()
+
+    def run_sync(self, job: Job, on_event, cancel: threading.Event | None = None) -> Finished:
+        """Run a job in the calling thread (no admission queue): for one-user front ends such as `chat`."""
+        return self._generate(job, on_event, cancel or threading.Event())
 
     def _work(self, job: Job, emit, cancel: threading.Event) -> None:
         outcome = "failed"

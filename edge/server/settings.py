@@ -41,7 +41,7 @@ class ServerSettings:
         "bundle directory (default: an installed real bundle, else the built-in random-weights one)"))
     host: str = field(default="127.0.0.1", metadata=_help(
         "address to bind; 0.0.0.0 exposes the server to the network (set --api-key then)"))
-    port: int = field(default=DEFAULT_PORT, metadata=_help("TCP port (0 = pick a free one)"))
+    port: int = field(default=DEFAULT_PORT, metadata=_help("TCP port"))
     api_key: str | None = field(default=None, metadata=_help(
         f"require `Authorization: Bearer KEY` on /v1 (default: ${API_KEY_ENV} if set, else no key)"))
     model_name: str = field(default=DEFAULT_MODEL_NAME, metadata=_help("model id shown by /v1/models"))
@@ -99,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()
                                 help=f"{help_} (default: {'on' if f.default else 'off'})")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_} (default: {f.default})")
+            shown = "" if f.default is None or "default:" in help_ else f" (default: {f.default})"
+            parser.add_argument(flag, type=kind, default=f.default, help=help_ + shown)
 
 
 def from_args(args: argparse.Namespace, **overrides) -> ServerSettings:

@@ -25,4 +25,7 @@ fi
 # torch==2.13.0 is pinned in the convert extra; install it first so nothing pulls a different (CUDA) build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[${extras}]"
+# Silero VAD for live turn-taking: only its bundled ONNX model is used (run by onnxruntime). The package's own
+# metadata requires torch, hence --no-deps; without it live mode falls back to an energy VAD.
+.venv/bin/python -m pip install -q --no-deps "silero-vad==6.2.3"
 echo "MiniCPM-o Edge installed in .venv ($(.venv/bin/python -c 'import edge; print(edge.__version__)'))"

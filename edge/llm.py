@@ -198,6 +198,10 @@ class LLM:
     def n_past(self) -> int:
         return len(self._history)
 
+    def cached_tokens(self) -> list[int | None]:
+        """What the KV cache holds, position by position: the token id, or None where an embedding went in."""
+        return [k if isinstance(k, int) else None for k in self._history]
+
     def reset(self) -> None:
         """Forget the whole KV cache (new session)."""
         self._lib.llama_memory_clear(self._mem, True)

@@ -414,5 +414,25 @@ class Omni:
             self._tts = TTS(self.bundle, variant=self.options.tts_variant, ort=self.options.ort)
         return self._tts
 
+    # --- official streaming API (delegates to one edge.streaming.StreamingSession) -----------------------------------
+    @property
+    def session(self):
+        if getattr(self, "_session", None) is None:
+            from edge.streaming import StreamingSession
+
+            self._session = StreamingSession(self)
+        return self._session
+
+    def reset_session(self) -> None:
+        self.session.reset_session()
+
+    def streaming_prefill(self, session_id, msgs, **kwargs):
+        """One 1-second unit (`["<unit>", frame?, audio_1s]`) or a system/user message into the session's cache."""
+        return self.session.streaming_prefill(session_id, msgs, **kwargs)
+
+    def streaming_generate(self, session_id, **kwargs):
+        """Reply to what was prefilled: yields text and audio chunks (see StreamingSession)."""
+        return self.session.streaming_generate(session_id, **kwargs)
+
     def close(self) -> None:
         self.llm.close()

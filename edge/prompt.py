@@ -63,33 +63,35 @@ class Prompt:
 
 
 @dataclass(frozen=True)
-class _Piece:
+class Piece:
+    """A run of prompt text; trusted = template/placeholder text whose special tokens are parsed."""
+
     text: str
-    trusted: bool  # template/placeholder text: special tokens are parsed
+    trusted: bool
     media: Media | None = None
 
 
 def render(messages: Sequence[Message], *, tts_template: bool, add_generation_prompt: bool = True,
-           omni_input: bool = False) -> list[_Piece]:
+           omni_input: bool = False) -> list[Piece]:
     """Apply the chat template. Pieces keep the boundary between trusted template text and user text."""
     joiner = "" if omni_input else "\n"
-    pieces: list[_Piece] = []
+    pieces: list[Piece] = []
     if not tts_template and messages and messages[0].role != "system":
-        pieces.append(_Piece(f"{keys.IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{keys.IM_END}\n", True))
+        pieces.append(Piece(f"{keys.IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{keys.IM_END}\n", True))
     for m in messages:
-        pieces.append(_Piece(f"{keys.IM_START}{m.role}\n", True))
+        pieces.append(Piece(f"{keys.IM_START}{m.role}\n", True))
         for i, part in enumerate(m.content):
             if i:
-                pieces.append(_Piece(joiner, True))
+                pieces.append(Piece(joiner, True))
             if isinstance(part, Media):
                 mark = IMAGE_MARK if part.kind == "image" else AUDIO_MARK
-                pieces.append(_Piece(mark, True, part))
+                pieces.append(Piece(mark, True, part))
             else:
-                pieces.append(_Piece(str(part), False))
-        pieces.append(_Piece(f"{keys.IM_END}\n", True))
+                pieces.append(Piece(str(part), False))
+        pieces.append(Piece(f"{keys.IM_END}\n", True))
     if add_generation_prompt:
         suffix = "".join(TTS_GENERATION_SUFFIX) if tts_template else ""
-        pieces.append(_Piece(f"{keys.IM_START}assistant\n{suffix}", True))
+        pieces.append(Piece(f"{keys.IM_START}assistant\n{suffix}", True))
     return pieces
 
 
@@ -109,7 +111,7 @@ class PromptBuilder:
                         omni_input=omni_input)
         return self.build_pieces(pieces)
 
-    def build_pieces(self, pieces: Sequence[_Piece]) -> Prompt:
+    def build_pieces(self, pieces: Sequence[Piece]) -> Prompt:
         prompt = Prompt(text="".join(p.text for p in pieces))
         atoms: list[object] = []  # str (plain text) | int (special id) | ("slot", kind, media_index)
         for p in pieces:

@@ -44,7 +44,7 @@ import numpy as np
 from edge import keys
 from edge.errors import InvalidInputError
 from edge.llm import TokenEvent
-from edge.prompt import Media, Prompt
+from edge.prompt import AUDIO_MARK, IMAGE_MARK, Media, Piece, Prompt
 from edge.sampling import SamplingOptions
 
 AUDIO_RATE = 16000  # Whisper input rate (spec §2.3)
@@ -193,15 +193,6 @@ class Reply:
     finish_reason: str = "running"
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """Prompt piece for `PromptBuilder.build_pieces`: trusted = template text (special tokens parsed)."""
-
-    text: str
-    trusted: bool
-    media: Media | None = None
-
-
 class StreamingSession:
     """One streaming conversation on a loaded `Omni` (batch 1, like the official model object)."""
 
@@ -260,12 +251,12 @@ class StreamingSession:
         state, plan = plan_prefill(self.rules, str(session_id), role)
         content = msg.get("content", "")
         items = content if isinstance(content, (list, tuple)) else [content]
-        pieces = [_Piece(plan.prefix, True)] if plan.prefix else []
+        pieces = [Piece(plan.prefix, True)] if plan.prefix else []
         slices = self.options.max_slice_nums if max_slice_nums is None else max_slice_nums
         for item in items:
             pieces.append(self._piece(item, slices))
         if plan.suffix:
-            pieces.append(_Piece(plan.suffix, True))
+            pieces.append(Piece(plan.suffix, True))
         prompt = self.omni.prompts.build_pieces(pieces)
         llm = self.omni.llm
         if plan.new_session:
@@ -290,19 +281,19 @@ class StreamingSession:
         self.rules = state
         return PrefillReport(len(prompt.ids), len(prompt.media), t1 - t0, time.perf_counter() - t1)
 
-    def _piece(self, item, max_slice_nums: int) -> _Piece:
+    def _piece(self, item, max_slice_nums: int) -> Piece:
         from edge.audio_encoder import audio_placeholder
 
         if isinstance(item, str):
-            return _Piece(item, item == UNIT_MARKER)
+            return Piece(item, item == UNIT_MARKER)
         if isinstance(item, np.ndarray) and item.ndim == 1:
             wave = np.asarray(item, dtype=np.float32)
             if wave.size == 0:
                 raise InvalidInputError("an audio item of a streaming unit is empty; send up to 1 s of 16 kHz audio.")
-            return _Piece("(<audio>./</audio>)", True, Media("audio", audio_placeholder(wave.size), {"wave": wave}))
+            return Piece(AUDIO_MARK, True, Media("audio", audio_placeholder(wave.size), {"wave": wave}))
         if (isinstance(item, np.ndarray) and item.ndim == 3) or (hasattr(item, "convert") and hasattr(item, "size")):
             pre = self.omni.preprocess_image(item, max_slice_nums, use_image_id=False)
-            return _Piece("(<image>./</image>)", True, Media("image", pre.placeholder, pre))
+            return Piece(IMAGE_MARK, True, Media("image", pre.placeholder, pre))
         raise InvalidInputError(f"cannot stream a {type(item).__name__}: a unit holds text, a PIL image (frame) "
                                 "and a 1-D float32 16 kHz numpy array (audio).")
 
@@ -335,7 +326,7 @@ class StreamingSession:
         """Append the generation prompt; returns its last logits and the `<|spk|>` hidden state."""
         state, text = plan_generate(self.rules)
         llm = self.omni.llm
-        prompt = self.omni.prompts.build_pieces([_Piece(text, True)])
+        prompt = self.omni.prompts.build_pieces([Piece(text, True)])
         spk = [llm.n_past + b[0] for b in prompt.spk_bounds][-1:] if want_speaker else []
         if self._audio_stream is not None:
             self._audio_stream.reset()

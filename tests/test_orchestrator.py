@@ -215,7 +215,7 @@ def _expected_ids(omni, log, system_prompt) -> list[int]:
 
 def _cache_ids(omni):
     unk = omni.special["<unk>"]
-    return [k if isinstance(k, int) else unk for k in omni.llm._history]
+    return [unk if k is None else k for k in omni.llm.cached_tokens()]
 
 
 def test_scripted_live_session_with_barge_in(live, tmp_path):

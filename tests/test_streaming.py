@@ -110,7 +110,7 @@ def _expected_ids(omni, parts) -> list[int]:
 def _cache_ids(omni) -> list[int]:
     """What the LLM's KV cache holds: token ids, with embedding rows shown as `<unk>` (their placeholder)."""
     unk = omni.special["<unk>"]
-    return [k if isinstance(k, int) else unk for k in omni.llm._history]
+    return [unk if k is None else k for k in omni.llm.cached_tokens()]
 
 
 def test_session_tokens_follow_official_rules(omni, frames):
@@ -271,7 +271,7 @@ def test_streaming_generate_text_and_audio(omni):
     chunks = list(sess.streaming_generate("g", max_new_tokens=12, seed=0))
     audio = [c.audio for c in chunks if c.audio is not None]
     assert audio and all(c.sampling_rate == 24000 for c in chunks if c.audio is not None)
-    gen_ids = [k for k in omni.llm._history[start:]]
+    gen_ids = omni.llm.cached_tokens()[start:]
     n_prompt = len(_expected_ids(omni, [(GEN, True)]))
     text = "".join(c.text for c in chunks)
     assert text == omni.llm.detokenize(gen_ids[n_prompt:])

@@ -44,13 +44,26 @@ def template_strings(specials: list[str]) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def pair(golden_gguf, golden_dir):
+@pytest.fixture(scope="module", params=["synthetic", "golden"])
+def pair(request, tmp_path_factory):
+    """(HF tokenizer, GGUF LLM, added tokens) of the project's synthetic tiny checkpoint and of the golden one."""
     from tokenizers import Tokenizer
 
-    hf = Tokenizer.from_file(str(golden_dir / "ckpt" / "tokenizer.json"))
-    llm = LLM(golden_gguf("f32"), LLMOptions.exact(n_ctx=256))
-    tc = json.loads((golden_dir / "ckpt" / "tokenizer_config.json").read_text())
+    from converters import llm_gguf
+    from converters.checkpoint import Checkpoint
+
+    if request.param == "golden":
+        ckpt_dir = request.getfixturevalue("golden_dir") / "ckpt"
+    else:
+        from models.synth import build_synthetic_checkpoint
+
+        ckpt_dir = build_synthetic_checkpoint(tmp_path_factory.mktemp("synth") / "ckpt", scale="tiny", seed=0,
+                                              progress=False)
+    out = tmp_path_factory.mktemp(f"tok-{request.param}")
+    llm_gguf.export(Checkpoint.open(ckpt_dir), out, quant="f32", progress=False)
+    hf = Tokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
+    llm = LLM(out / "llm.gguf", LLMOptions.exact(n_ctx=256))
+    tc = json.loads((ckpt_dir / "tokenizer_config.json").read_text())
     specials = [v["content"] for v in tc["added_tokens_decoder"].values()]
     return hf, llm, specials
 

@@ -33,6 +33,7 @@ MAX_TOKENS = 64  # the main server's --max-tokens: keeps random-weight replies s
 LONG = 3000  # min_tokens = max_tokens of a reply that would take many seconds if it were not cancelled
 TTS_RATE = 24000
 UNIT_BYTES = 32000  # 1 s of 16 kHz 16-bit PCM
+MAX_AUDIO_S = 10.0  # the main server's --max-audio-seconds
 
 
 # --- a real uvicorn server in a thread -----------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def server(golden_bundle, media_dir):
     from edge.server.settings import ServerSettings
 
     s = LiveServer(ServerSettings(bundle=str(golden_bundle.root), concurrency=2, max_queue=32, max_tokens=MAX_TOKENS,
-                                  media_dir=str(media_dir)))
+                                  media_dir=str(media_dir), max_audio_seconds=MAX_AUDIO_S))
     yield s
     s.stop()
 
@@ -286,6 +287,28 @@ def test_speech_endpoint(server, ref):
     assert np.abs(wave - np.clip(want, -1, 1)).max() < 2e-3
 
 
+def test_video_data_url_frames(server, ref, tmp_path):
+    """A 3-s video (2 fps) is sampled at 1 frame per second, each frame one unsliced 64-token image."""
+    import cv2
+
+    path = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 2.0, (160, 120))
+    for i in range(6):
+        w.write(np.full((120, 160, 3), 40 * i, np.uint8))
+    w.release()
+    url = "data:video/x-msvideo;base64," + b64(path)
+    r = server.client().chat.completions.create(model=MODEL, seed=8, max_tokens=8, messages=[{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "what happens?"}]}])
+    assert r.usage.prompt_tokens_details.image_tokens == 3 * 64
+
+    from edge.io.video import load_video
+
+    frames = load_video(path).frames
+    want = ref.chat([{"role": "user", "content": [*frames, "what happens?"]}], seed=8, max_new_tokens=8,
+                    max_slice_nums=1, use_image_id=False)
+    assert r.choices[0].message.content == want
+
+
 # --- load, cancellation, queue -------------------------------------------------------------------------------------
 def _stream_text(client, messages, seed) -> str:
     out = []
@@ -386,6 +409,9 @@ def _expect(r, status, *words):
 
 
 def test_bad_requests_get_clear_4xx_and_server_keeps_serving(server, media_dir):
+    import soundfile as sf
+    from PIL import Image
+
     _expect(_post(server, content=b'{"model": "m", "messages": [', headers={"content-type": "application/json"}),
             400, "not valid JSON")
     _expect(_post(server, content=json.dumps(_chat("hi")), headers={"content-type": "text/plain"}), 415,
@@ -409,6 +435,21 @@ def test_bad_requests_get_clear_4xx_and_server_keeps_serving(server, media_dir):
         err = _expect(_post(server, json=_chat([{"type": "image_url", "image_url": {"url": url}}])), 403,
                       "outside the server's media directory")
         assert err["code"] == "path_forbidden"
+    _expect(_post(server, json=_chat([{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}])),
+            400, "--allow-http-media")
+    err = _expect(_post(server, json=_chat([{"type": "video_url", "video_url": {"url": f"file://{media_dir}/v.avi"}}])),
+                  403, "--allow-local-video")
+    assert err["code"] == "local_video_disabled"
+    huge = io.BytesIO()
+    Image.new("RGB", (6000, 5000), (40, 90, 200)).save(huge, "PNG")  # 30 MP > the 25 MP default, ~100 KB
+    _expect(_post(server, json=_chat([{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(huge.getvalue()).decode()}}])), 400, "decoding limit")
+    long_wav = io.BytesIO()
+    sf.write(long_wav, np.zeros(int((MAX_AUDIO_S + 1) * 16000), np.float32), 16000, format="WAV")
+    _expect(_post(server, json=_chat([{"type": "input_audio", "input_audio": {
+        "data": base64.b64encode(long_wav.getvalue()).decode(), "format": "wav"}}])), 400, "--max-audio-seconds")
+    err = _expect(_post(server, json=_chat("lorem ipsum dolor " * 3000)), 400, "context holds 4096")
+    assert err["code"] == "context_length_exceeded"
     _expect(_post(server, json=_chat("hi", frequency_penalty=0.5)), 400, "repetition_penalty")
     _expect(_post(server, json=_chat([{"type": "bogus"}])), 400, "messages[0].content[0]")
     # ... and it still serves, including a legitimate file URL inside the media directory.
@@ -531,3 +572,72 @@ def test_api_key(golden_bundle):
         assert httpx.get(srv.url + "/health").status_code == 200  # health stays open for probes
     finally:
         srv.stop()
+
+
+# --- the command line ------------------------------------------------------------------------------------------------
+def test_cli_serve_subprocess_and_one_line_errors(golden_bundle, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", str(golden_bundle.root), "--port", str(port),
+                          "--max-tokens", "8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert p.poll() is None, p.stdout.read()
+            try:
+                h = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.3)
+        assert h["bundle"] == str(golden_bundle.root)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        assert 1 <= r.usage.completion_tokens <= 8
+        with pytest.raises(openai.BadRequestError, match="limit of 8"):
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=9)
+    finally:
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=60)[0]
+    assert p.returncode == 0, out
+    assert f"OpenAI-compatible API on http://127.0.0.1:{port}/v1" in out
+    bad = subprocess.run([sys.executable, "-m", "edge.cli", "serve", str(tmp_path / "no-such-bundle")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+    assert "Traceback" not in bad.stderr
+
+
+def test_chat_repl_replies_equal_runtime(golden_bundle, golden_dir, ref):
+    from PIL import Image
+
+    from edge.chat_repl import ChatOptions, run_chat
+
+    img = golden_dir / "inputs" / "img0.png"
+    script = iter([f"/image {img}", "what is this?", "and then?", "/exit"])
+    out = io.StringIO()
+    run_chat(ChatOptions(bundle=str(golden_bundle.root), seed=7, max_tokens=12), read=lambda _: next(script), out=out)
+    m1 = [{"role": "user", "content": [Image.open(img).convert("RGB"), "what is this?"]}]
+    a1 = ref.chat(m1, seed=7, max_new_tokens=12)
+    a2 = ref.chat(m1 + [{"role": "assistant", "content": a1}, {"role": "user", "content": "and then?"}], seed=7,
+                  max_new_tokens=12)
+    text = out.getvalue()
+    assert "[image attached to the next turn]" in text
+    assert f"assistant> {a1}\n" in text and f"assistant> {a2}\n" in text
+
+
+def test_server_stack_stays_optional():
+    """`import edge`, the CLI parser, the engine and the chat REPL must not pull in the web stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edge, edge.omni, edge.cli, edge.server, edge.server.settings, edge.server.engine, "
+            "edge.chat_repl; edge.cli.build_parser(); "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'uvicorn', 'starlette', 'pydantic', "
+            "'httpx', 'openai', 'websockets', 'multipart'}); print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -170,7 +170,8 @@ def test_image_data_url(server, ref, cases, golden_dir):
     case = cases["chat"]["image"]
     img = golden_dir / "inputs" / case["msgs"][0]["content"][0]["file"]
     text = case["msgs"][0]["content"][1]["text"]
-    r = server.client().chat.completions.create(model=MODEL, seed=3, max_tokens=16, messages=[{"role": "user", "content": [
+    r = server.client().chat.completions.create(
+        model=MODEL, seed=3, max_tokens=16, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(img)}}, {"type": "text", "text": text}]}])
     n_slices = next(i["n_slices"] for i in cases["images"] if i["file"] == img.name)
     assert r.usage.prompt_tokens == case["seq_len"]  # official: 297, image placeholders included
@@ -183,7 +184,8 @@ def test_audio_in(server, ref, cases, golden_dir):
     case = cases["chat"]["audio"]
     wav = golden_dir / "inputs" / case["msgs"][0]["content"][0]["file"]
     text = case["msgs"][0]["content"][1]["text"]
-    r = server.client().chat.completions.create(model=MODEL, seed=5, max_tokens=16, messages=[{"role": "user", "content": [
+    r = server.client().chat.completions.create(
+        model=MODEL, seed=5, max_tokens=16, messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": b64(wav), "format": "wav"}}, {"type": "text", "text": text}]}])
     assert r.usage.prompt_tokens == case["seq_len"]  # official: 74 (TTS template, audio placeholders)
     samples = next(w["samples"] for w in cases["waves"] if w["file"] == wav.name)
@@ -297,7 +299,8 @@ def test_video_data_url_frames(server, ref, tmp_path):
         w.write(np.full((120, 160, 3), 40 * i, np.uint8))
     w.release()
     url = "data:video/x-msvideo;base64," + b64(path)
-    r = server.client().chat.completions.create(model=MODEL, seed=8, max_tokens=8, messages=[{"role": "user", "content": [
+    r = server.client().chat.completions.create(
+        model=MODEL, seed=8, max_tokens=8, messages=[{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "what happens?"}]}])
     assert r.usage.prompt_tokens_details.image_tokens == 3 * 64
 

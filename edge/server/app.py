@@ -19,6 +19,7 @@ import json
 import logging
 import time
 
+import numpy as np
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -27,10 +28,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge import __version__, keys
+from edge.sampling import SamplingOptions
 from edge.server import chat as chatlib
-from edge.server.engine import Engine, Finished, Job
+from edge.server.engine import AudioDelta, Engine, Finished, Job, PromptReady
 from edge.server.errors import APIError, BodyTooLargeError, bad_request, from_exception
-from edge.server.media import MediaDecoder
+from edge.server.media import AUDIO_RATE, MediaDecoder
 from edge.server.settings import ServerSettings
 from edge.server.types import ChatCompletionRequest, ModelCard, ModelList, SpeechRequest
 
@@ -282,11 +284,9 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         except ValueError:
             raise bad_request("temperature must be a number.", "temperature") from None
         wave = await run_in_threadpool(decoder.audio, await upload.read(), "file")
-        if len(wave) / 16000 > settings.max_audio_seconds:
-            raise bad_request(f"the audio is {len(wave) / 16000:.1f} s; the limit is "
+        if len(wave) / AUDIO_RATE > settings.max_audio_seconds:
+            raise bad_request(f"the audio is {len(wave) / AUDIO_RATE:.1f} s; the limit is "
                               f"{settings.max_audio_seconds:.0f} s (--max-audio-seconds).", "file")
-        from edge.sampling import SamplingOptions
-
         sampling = SamplingOptions(temperature=temperature, greedy=temperature == 0)
         job = Job(messages=[{"role": "user", "content": [ASR_PROMPT, wave]}],
                   prompt_kwargs={"use_tts_template": True}, sampling=sampling, max_new_tokens=settings.max_tokens)
@@ -297,7 +297,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         text = finished.text if finished else ""
         if fmt == "text":
             return PlainTextResponse(text)
-        prompt = next(ev for ev in events if hasattr(ev, "prompt_tokens"))
+        prompt = next(ev for ev in events if isinstance(ev, PromptReady))
         return {"text": text, "usage": {"type": "tokens", "input_tokens": prompt.prompt_tokens,
                                         "input_token_details": {"audio_tokens": prompt.audio_tokens},
                                         "output_tokens": finished.completion_tokens if finished else 0,
@@ -326,9 +326,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
             events, _ = await run_job(request, job)
         except ClientGone:
             return Response(status_code=CLIENT_GONE_STATUS)
-        chunks = [ev for ev in events if hasattr(ev, "pcm")]
-        import numpy as np
-
+        chunks = [ev for ev in events if isinstance(ev, AudioDelta)]
         wave = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, np.float32)
         rate = chunks[0].sample_rate if chunks else e.omni.tts.sample_rate
         data = await run_in_threadpool(chatlib.encode_audio, wave, rate, fmt)

@@ -40,7 +40,8 @@ _WORD = re.compile(r"\S+\s*|\s+")  # how a fixed text is fed to the streaming TT
 
 
 # Official get_sys_prompt(mode="audio_assistant") with a reference clip (spec §3.3): a user message around the clip.
-CLONE_PROMPT = ("Clone the voice in the provided audio prompt.", "As an assistant, you will speak using this voice style.")
+CLONE_PROMPT = ("Clone the voice in the provided audio prompt.",
+                "As an assistant, you will speak using this voice style.")
 
 
 def clone_voice_message(ref_wave: np.ndarray) -> dict:

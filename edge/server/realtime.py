@@ -277,7 +277,7 @@ class RealtimeSession:
         msgs: list[dict] = [{"role": "system", "content": c.instructions}] if c.instructions else []
         speak = bool(c.output_audio)
         msgs += self.voice_msgs if speak else []
-        for u, a in self.history[-MAX_HISTORY_TURNS:]:
+        for u, a in self.history:
             msgs += [u, a]
         msgs.append(user)
         sampling = chatlib.sampling_options(c)
@@ -323,6 +323,7 @@ class RealtimeSession:
                 await events.aclose()
         if status != "failed":
             self.history.append((user, {"role": "assistant", "content": "".join(text)}))
+            del self.history[:-MAX_HISTORY_TURNS]
         timing["total_ms"] = ms()
         await self.send({"type": "response.done", "response_id": rid, "status": status, "text": "".join(text),
                          "usage": usage, "timing": timing})

@@ -573,6 +573,15 @@ def test_api_key(golden_bundle):
         ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
         assert [m.id for m in ok.models.list().data] == [MODEL]
         assert httpx.get(srv.url + "/health").status_code == 200  # health stays open for probes
+        from websockets.sync.client import connect
+
+        ws_url = srv.url.replace("http", "ws") + "/v1/realtime"
+        with connect(ws_url) as ws:
+            assert json.loads(ws.recv(timeout=30))["error"]["code"] == "invalid_api_key"
+        with connect(ws_url + "?api_key=s3cret") as ws:
+            assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        with connect(ws_url, subprotocols=["realtime", "openai-insecure-api-key.s3cret"]) as ws:
+            assert ws.subprotocol == "realtime" and json.loads(ws.recv(timeout=30))["type"] == "session.created"
     finally:
         srv.stop()
 

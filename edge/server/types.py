@@ -116,7 +116,7 @@ class _Out(BaseModel):
 
 
 class PromptTokensDetails(_Out):
-    cached_tokens: int = 0
+    cached_tokens: int | None = None  # not reported: llama.cpp's prefix reuse is not counted per request
     audio_tokens: int = 0
     image_tokens: int = 0  # not in OpenAI's schema; what the images cost (the prompt_tokens include it)
 

@@ -293,6 +293,8 @@ class LLM:
                     common += 1
                 if common == len(keys) and common > 0:
                     common -= 1  # re-decode the last position so that its logits exist
+                if hidden_positions:
+                    common = min(common, min(int(p) for p in hidden_positions))  # hidden states are not cached
                 self.truncate(common)
                 start = common
             else:

@@ -164,7 +164,7 @@ class Omni:
         """(kind, value) of one content item: str, PIL.Image, 1-D numpy (16 kHz audio), HxWx3 numpy (image),
         or an OpenAI/official-style dict {"type": "text"|"image"|"audio"|"video", ...}."""
         if isinstance(item, str):
-            return "text", item
+            return "text", item  # a TrustedText stays one (its special tokens are parsed)
         if isinstance(item, dict):
             t = item.get("type")
             if t == "text":
@@ -295,7 +295,8 @@ class Omni:
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              repetition_penalty: float | None = None, seed: int | None = None):
         """The official `chat()` contract: returns the reply text (or a generator of text pieces with
-        stream=True, or a ChatResult with return_dict / generate_audio). Sampling defaults are the official
+        stream=True, or a ChatResult with return_dict / generate_audio; stream=True with generate_audio=True
+        yields `StreamChunk`s of text and 24 kHz audio as they are ready). Sampling defaults are the official
         ones (top-p 0.8, top-k 100, temperature 0.7, repetition penalty 1.05); sampling=False decodes greedily
         with repetition penalty 1.2 (the official code uses 3-beam search there)."""
         if sampling:
@@ -309,8 +310,11 @@ class Omni:
         use_tts = use_tts_template or generate_audio
         gen = self._chat_stream(msgs, opts, max_new_tokens, min_new_tokens, generate_audio, output_audio_path,
                                 dict(max_slice_nums=max_slice_nums, use_image_id=use_image_id,
-                                     chunk_input=chunk_input, omni_input=omni_input, use_tts_template=use_tts))
-        if stream and not (generate_audio or return_dict):
+                                     chunk_input=chunk_input, omni_input=omni_input, use_tts_template=use_tts),
+                                stream_speech=stream and generate_audio)
+        if stream and generate_audio:
+            return self._speech_stream(gen)
+        if stream and not return_dict:
             return (piece for piece in gen if isinstance(piece, str))
         result = None
         for piece in gen:
@@ -318,12 +322,51 @@ class Omni:
                 result = piece
         return result if (return_dict or generate_audio) else result.text
 
+    def _speech_stream(self, gen: Iterator) -> Iterator:
+        """Text pieces and 24 kHz audio chunks as they become ready (`StreamChunk`s): the TTS consumes the LLM's
+        pieces lazily, so speech starts after the first 10 TTS text tokens, not after the whole reply.
+        Sequential in one thread; `edge.orchestrator` overlaps the two on separate threads."""
+        from edge.streaming import StreamChunk
+
+        first = next(gen)  # the speaker hidden state, emitted before any text by _chat_stream(stream_speech=True)
+        spk = first
+        outbox: list = []
+        result: list = []
+
+        def pieces():
+            for piece in gen:
+                if isinstance(piece, ChatResult):
+                    result.append(piece)
+                    return
+                outbox.append(piece)
+                yield piece
+
+        for chunk in self.tts.stream(pieces(), spk):
+            while outbox:
+                yield StreamChunk(outbox.pop(0))
+            yield StreamChunk("", chunk, self.tts.sample_rate)
+        while outbox:
+            yield StreamChunk(outbox.pop(0))
+
+    def get_sys_prompt(self, ref_audio=None, mode: str = "audio_assistant", language: str = "en") -> dict:
+        """The official voice system message (default voice, or cloning from a 16 kHz reference clip); put it
+        first in `msgs` and call chat(..., generate_audio=True)."""
+        from edge.voice import sys_prompt
+
+        if ref_audio is not None and not isinstance(ref_audio, np.ndarray):
+            from edge.voice import load_reference_clip
+
+            ref_audio = load_reference_clip(ref_audio)
+        return sys_prompt(ref_audio, mode, language)
+
     def _chat_stream(self, msgs, opts, max_new_tokens, min_new_tokens, generate_audio, output_audio_path,
-                     prompt_kwargs) -> Iterator[str | ChatResult]:
+                     prompt_kwargs, stream_speech: bool = False) -> Iterator[str | ChatResult]:
         with self._lock:
             prompt = self.build_prompt(msgs, **prompt_kwargs)
             want_spk = [b[0] for b in prompt.spk_bounds][-1:] if generate_audio else []
             last, hidden = self.llm.prefill(self.segments(prompt), hidden_positions=want_spk)
+            if stream_speech:
+                yield hidden[want_spk[0]] if want_spk else None
             tokens, text = [], []
             for ev in self.llm.generate(last, opts, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                         stop_ids=self.stop_ids()):
@@ -334,7 +377,7 @@ class Omni:
                     text.append(ev.text)
                     yield ev.text
             result = ChatResult("".join(text), tokens, self.llm.last_finish_reason)
-            if generate_audio:
+            if generate_audio and not stream_speech:
                 spk = hidden[want_spk[0]] if want_spk else None
                 result.spk_embed = spk
                 result.audio, result.sampling_rate = self.speak(result.text, spk)

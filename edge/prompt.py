@@ -21,6 +21,11 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # the ChatML template's 
 TTS_GENERATION_SUFFIX = (keys.SPK_BOS, keys.SPK, keys.SPK_EOS, keys.TTS_BOS)  # spec §3.2
 
 
+class TrustedText(str):
+    """Message text written by the application, not the user (e.g. the official voice system prompts, which
+    contain `<reserved_53>`): its special-token strings become special tokens, as in the official chat()."""
+
+
 class Tokenizer(Protocol):
     def tokenize(self, text: str, *, special: bool = False) -> list[int]: ...
 
@@ -87,7 +92,7 @@ def render(messages: Sequence[Message], *, tts_template: bool, add_generation_pr
                 mark = IMAGE_MARK if part.kind == "image" else AUDIO_MARK
                 pieces.append(Piece(mark, True, part))
             else:
-                pieces.append(Piece(str(part), False))
+                pieces.append(Piece(str(part), isinstance(part, TrustedText)))
         pieces.append(Piece(f"{keys.IM_END}\n", True))
     if add_generation_prompt:
         suffix = "".join(TTS_GENERATION_SUFFIX) if tts_template else ""

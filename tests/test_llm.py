@@ -135,3 +135,11 @@ def test_sampling_is_seeded(llm_f32, prompt_ids):
         last, _ = llm_f32.prefill([prompt_ids])
         runs.append([e.token for e in llm_f32.generate(last, opts, max_new_tokens=12)])
     assert runs[0] == runs[1]
+
+
+def test_hidden_state_of_a_cached_position_is_recomputed(llm_f32, prompt_ids):
+    """A follow-up prefill that reuses the cache still returns the hidden state it asks for."""
+    llm_f32.reset()
+    _, h1 = llm_f32.prefill([prompt_ids], hidden_positions=[20])
+    _, h2 = llm_f32.prefill([prompt_ids], hidden_positions=[20])
+    assert 20 in h2 and rel_err(h2[20], h1[20]) <= 1e-5

@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-extras="convert"
-[ "${1:-}" = "--dev" ] && extras="convert,dev"
+extras="convert,server"
+[ "${1:-}" = "--dev" ] && extras="convert,server,dev"
 
 # sounddevice needs the PortAudio library; Debian/Ubuntu/Raspberry Pi OS package: libportaudio2.
 if ! ldconfig -p 2>/dev/null | grep -q libportaudio; then

@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 
 from edge import turns as tt
+from edge.governor import RealtimeGovernor
 from edge.io.microphone import PREROLL_MARGIN_SECONDS, UnitAssembler, VadSegmenter
 from edge.streaming import StreamingSession, stream_sampling
 
@@ -376,6 +377,7 @@ class Orchestrator:
         self._fatal: str | None = None
         self._t0 = time.monotonic()
         self._camera_lost_reported = False
+        self.governor = RealtimeGovernor()  # lowers the camera rate when units exceed their 1-s budget
         self._units_in_turn = 0
         self._utt_start = 0.0
 
@@ -532,13 +534,17 @@ class Orchestrator:
 
     def _prefill_unit(self, audio: np.ndarray) -> None:
         frame = None
-        if self.camera is not None:
+        if self.camera is not None and self.governor.take_frame():
             frame = self.camera.latest()
             if frame is None and self.camera.lost and not self._camera_lost_reported:
                 self._camera_lost_reported = True
                 self.fault(f"{self.camera.lost}; continuing audio-only", fatal=False)
         content = ["<unit>", frame, audio] if frame is not None else [audio]  # web demo: <unit> only with a frame
+        t0 = time.perf_counter()
         self.session.streaming_prefill(self.options.session_id, [{"role": "user", "content": content}])
+        change = self.governor.observe(time.perf_counter() - t0, frame is not None)
+        if change:
+            self.status(change)
         self._units_in_turn += 1
         self.log.items.append(("prefill", ["unit", "image", "audio"] if frame is not None else ["audio"],
                                audio.size))

@@ -1,0 +1,66 @@
+"""Real-time governor for live mode: keep per-unit work inside its 1-second budget by lowering the frame rate.
+
+Each 1-s unit carries up to one camera frame plus one second of audio. If encoding + prefilling a unit takes
+longer than the unit lasts, the pipeline falls behind the user for good. The governor watches the time per unit
+(smoothed) and sends a frame only every `stride`-th unit when over budget; audio is never dropped. When work is
+comfortably under budget again it raises the frame rate back. Pure logic: the clock is the caller's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GovernorOptions:
+    """Attributes:
+    unit_seconds: real-time budget of one unit (the official 1-s TDM unit).
+    high_water: slow down when smoothed unit time exceeds this fraction of the budget.
+    low_water: speed back up when it falls below this fraction (hysteresis against flapping).
+    max_stride: lowest frame rate = one frame per `max_stride` units.
+    smoothing: weight of the newest measurement in the moving average.
+    """
+
+    unit_seconds: float = 1.0
+    high_water: float = 0.9
+    low_water: float = 0.45
+    max_stride: int = 8
+    smoothing: float = 0.5
+
+
+class RealtimeGovernor:
+    def __init__(self, options: GovernorOptions | None = None):
+        self.options = options or GovernorOptions()
+        self.stride = 1  # a frame every `stride` units
+        self._unit = 0
+        self._avg: float | None = None
+        self.changes: list[str] = []
+
+    @property
+    def fps(self) -> float:
+        return 1.0 / (self.stride * self.options.unit_seconds)
+
+    def take_frame(self) -> bool:
+        """Whether the unit about to be built should carry a frame (call once per unit)."""
+        take = self._unit % self.stride == 0
+        self._unit += 1
+        return take
+
+    def observe(self, unit_work_seconds: float, had_frame: bool) -> str | None:
+        """Record how long a unit took; returns a status message when the frame rate changes."""
+        o = self.options
+        a = o.smoothing
+        self._avg = unit_work_seconds if self._avg is None else a * unit_work_seconds + (1 - a) * self._avg
+        budget = o.unit_seconds
+        msg = None
+        if self._avg > o.high_water * budget and self.stride < o.max_stride:
+            self.stride *= 2
+            msg = (f"encoding needs {self._avg:.2f} s per {budget:.0f}-s unit: camera lowered to "
+                   f"{self.fps:.2f} fps (audio kept whole)")
+        elif had_frame and self._avg < o.low_water * budget and self.stride > 1:
+            self.stride //= 2
+            msg = f"encoding keeps up again ({self._avg:.2f} s per unit): camera raised to {self.fps:.2f} fps"
+        if msg:
+            self._avg = None  # measure afresh at the new rate
+            self.changes.append(msg)
+        return msg

@@ -43,6 +43,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--n-ctx", type=int, default=1024)
+    ap.add_argument("--flash-attn", choices=["off", "on"], default="off",
+                    help="same setting on both sides (plain llama_cpp.Llama defaults to off)")
     a = ap.parse_args(argv)
 
     import llama_cpp
@@ -51,9 +53,10 @@ def main(argv=None) -> None:
     from edge.sampling import SamplingOptions
 
     path = gguf_path(a.model)
-    ours = LLM(path, LLMOptions(n_ctx=a.n_ctx, n_threads=a.threads, n_threads_batch=a.threads))
+    ours = LLM(path, LLMOptions(n_ctx=a.n_ctx, n_threads=a.threads, n_threads_batch=a.threads,
+                                flash_attn=a.flash_attn))
     plain = llama_cpp.Llama(str(path), n_ctx=a.n_ctx, n_threads=a.threads, n_threads_batch=a.threads,
-                            n_batch=512, verbose=False)
+                            n_batch=512, flash_attn=a.flash_attn == "on", verbose=False)
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, min(ours.n_vocab, 150000), size=a.prompt).tolist()
     sampling = SamplingOptions(seed=0)
@@ -94,6 +97,7 @@ def main(argv=None) -> None:
     per_tok = weight_bytes_per_token(path)
     res = {
         "model": str(path), "model_bytes": path.stat().st_size, "threads": a.threads, "n_ctx": a.n_ctx,
+        "flash_attn": a.flash_attn, "note": "sides interleaved in one process; host shared with other jobs",
         "versions": versions("llama_cpp_python", "numpy", "onnxruntime"),
         "prefill_tokens": a.prompt, "decode_tokens": a.decode,
         "prefill_tok_s": {k: {"best": a.prompt / v["min"], "median": a.prompt / v["median"]} for k, v in pre.items()},

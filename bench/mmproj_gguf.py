@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from converters.checkpoint import Checkpoint
+from converters.vision import RESAMPLER_HEAD_DIM, SIGLIP_HEADS, SIGLIP_LAYERS
 from edge.errors import InvalidInputError
 
 ARCH = "clip"
@@ -118,13 +119,16 @@ def vision_hparams(ckpt: Checkpoint) -> dict:
     ckpt.require(["vpm.embeddings.patch_embedding.weight", "vpm.encoder.layers.0.mlp.fc1.weight",
                   "resampler.query", "resampler.proj"])
     hidden, _, patch, _ = ckpt.tensors["vpm.embeddings.patch_embedding.weight"].shape
-    layers = int(vcfg.get("num_hidden_layers", 27))
+    layers = int(vcfg.get("num_hidden_layers", SIGLIP_LAYERS))
     if cfg.get("drop_vision_last_layer"):
         layers -= 1  # MiniCPMO.init_vision_module drops the last SigLIP block
     query_num, llm_hidden = ckpt.tensors["resampler.query"].shape
+    if llm_hidden % RESAMPLER_HEAD_DIM:
+        raise InvalidInputError(f"resampler width {llm_hidden} is not a multiple of {RESAMPLER_HEAD_DIM}: mtmd's "
+                                "resampler graph (models/minicpmv.cpp) hard-codes 128-wide heads.")
     return {
         "hidden": int(hidden), "ffn": int(ckpt.tensors["vpm.encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        "heads": int(vcfg.get("num_attention_heads", 16)), "layers": layers, "patch": int(patch),
+        "heads": int(vcfg.get("num_attention_heads", SIGLIP_HEADS)), "layers": layers, "patch": int(patch),
         "slice_side": int(cfg.get("image_size", DEFAULT_SLICE_SIDE)), "query_num": int(query_num),
         "llm_hidden": int(llm_hidden),
     }

@@ -35,6 +35,7 @@ from edge.server.errors import APIError, BodyTooLargeError, bad_request, from_ex
 from edge.server.media import AUDIO_RATE, MediaDecoder
 from edge.server.settings import ServerSettings
 from edge.server.types import ChatCompletionRequest, ModelCard, ModelList, SpeechRequest
+from edge.server.web import mount_web
 
 log = logging.getLogger("edge.server")
 
@@ -339,6 +340,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
         await RealtimeSession(ws, eng(), settings, decoder).run()
 
+    mount_web(app, settings, eng)  # the browser demo at / (edge/server/web.py)
     return app
 
 
@@ -352,6 +354,7 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"WARNING: listening on {settings.host} without an API key: anyone on the network can use it.")
     print(f"OpenAI-compatible API on http://{settings.host}:{settings.port}/v1 (docs: /docs)")
+    print(f"web demo (camera + mic): http://{settings.host}:{settings.port}/")
     try:
         uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=log_level,
                     timeout_graceful_shutdown=5)

@@ -650,3 +650,60 @@ def test_api_key_prompt_and_random_weights_notice(browser, golden_bundle, tmp_pa
             p.close()
         server.stop()
         engine.close()
+
+
+def test_voice_clone_and_image_upload(browser, stack, golden_dir, tmp_path):
+    """The voice picker turns an uploaded clip (any rate) into a 16 kHz reference the server clones from; an
+    uploaded image goes with the typed text, pixel for pixel."""
+    import soundfile as sf
+    from PIL import Image
+
+    from edge.server.engine import CLONE_PROMPT
+
+    clip_rate, clip_s, clip_hz = 22050, 3.0, 300.0  # a rate the page must resample
+    t = np.arange(int(clip_s * clip_rate)) / clip_rate
+    clip = tmp_path / "my-voice.wav"
+    sf.write(clip, (0.3 * np.sin(2 * np.pi * clip_hz * t)).astype(np.float32), clip_rate, subtype="PCM_16")
+    image = golden_dir / "inputs" / "img0.png"
+    runs = stack["recorder"].runs
+    p = Page(browser, stack["url"], permissions=())
+    try:
+        connected(p)
+        p.set_option("#opt-max-tokens", "8")
+        with p.page.expect_file_chooser() as fc:
+            p.page.select_option("#voice", "clone")
+        fc.value.set_files(str(clip))
+        p.wait("() => document.getElementById('voice-status').dataset.state === 'cloned'", what="the cloned voice")
+        assert "my-voice.wav" in p.page.inner_text("#voice-status")
+        p.page.set_input_files("#image", str(image))
+        p.page.wait_for_selector("#attachments img")
+        p.page.fill("#text", "What is in this picture?")
+        n = len(runs)
+        p.page.click("#send")
+        p.wait("() => window.edgeDemo.stats.repliesDone >= 1", what="the reply in the cloned voice")
+        s = p.stats()
+        assert p.types().count("input.image") == 1 and s["replies"][s["replyOrder"][0]]["samples"] > 0
+        msgs = runs[n]["job"].messages
+        def is_clone(m) -> bool:
+            c = m["content"]
+            return isinstance(c, list) and bool(c) and isinstance(c[0], str) and c[0] == CLONE_PROMPT[0]
+
+        clone = [m for m in msgs if is_clone(m)]
+        assert len(clone) == 1
+        ref = clone[0]["content"][1]
+        assert len(ref) == int(clip_s * 16000) and abs(dominant_hz(ref, 16000) - clip_hz) < 2.0
+        user = msgs[-1]["content"]
+        assert user[-1] == "What is in this picture?"
+        sent_img = np.asarray(user[0].convert("RGB"))
+        assert np.array_equal(sent_img, np.asarray(Image.open(image).convert("RGB")))
+        # back to the default voice: the next turn has no clone prompt
+        p.page.select_option("#voice", "default")
+        p.wait("() => document.getElementById('voice-status').dataset.state === 'default'", what="the default voice")
+        n = len(runs)
+        p.page.fill("#text", "And now?")
+        p.page.click("#send")
+        p.wait("() => window.edgeDemo.stats.repliesDone >= 2", what="the reply in the default voice")
+        assert not [m for m in runs[n]["job"].messages if is_clone(m)]
+        assert not [c for c in p.console if c.startswith("pageerror")], p.console
+    finally:
+        p.close()

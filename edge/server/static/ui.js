@@ -121,7 +121,8 @@ export function latencyLine(r, timing) {
   if (r.audioSamples) parts.push(`${(r.audioSeconds).toFixed(1)} s of speech`);
   let s = parts.join(" · ");
   if (timing && timing.first_token_ms != null) {
-    s += ` (server: ${fmtMs(timing.first_token_ms)}` + (timing.first_audio_ms != null ? ` / ${fmtMs(timing.first_audio_ms)}` : "") + ")";
+    const audio = timing.first_audio_ms != null ? ` / ${fmtMs(timing.first_audio_ms)}` : "";
+    s += ` (server: ${fmtMs(timing.first_token_ms)}${audio})`;
   }
   return s;
 }

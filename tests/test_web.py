@@ -35,6 +35,7 @@ httpx = pytest.importorskip("httpx")
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRE_BROWSER_ENV = "EDGE_REQUIRE_BROWSER"
+SCREENSHOT_ENV = "EDGE_WEB_SCREENSHOT"  # where to copy the screenshot taken after a live turn
 CHROMIUM = os.environ.get("EDGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -334,11 +335,15 @@ def contiguous(schedule: list[dict], reply: str) -> list[dict]:
 
 
 def save_screenshot(page: Page, tmp_path: Path) -> Path:
+    """Into the test's tmp dir; also to $EDGE_WEB_SCREENSHOT if set (e.g. bench/results/web-demo.png): test runs
+    do not write into the checkout by themselves."""
     out = tmp_path / "web-demo.png"
     page.page.screenshot(path=str(out), full_page=True)
-    results = REPO / "bench" / "results"
-    if results.is_dir():
-        shutil.copyfile(out, results / "web-demo.png")
+    if os.environ.get(SCREENSHOT_ENV):
+        dest = Path(os.environ[SCREENSHOT_ENV])
+        dest = dest if dest.is_absolute() else REPO / dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, dest)
     print(f"screenshot: {out}")
     return out
 

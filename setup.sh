@@ -20,6 +20,12 @@ if ! ldconfig -p 2>/dev/null | grep -q libportaudio; then
   fi
 fi
 
+# The web demo's browser test drives Debian's Chromium (Playwright's own browser download is not used).
+if [ "${1:-}" = "--dev" ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+    || echo "note: could not install chromium; the browser tests will be skipped."
+fi
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is pinned in the convert extra; install it first so nothing pulls a different (CUDA) build.

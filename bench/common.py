@@ -65,21 +65,28 @@ def interleave(sides: dict[str, Callable[[], float | None]], repeats: int) -> di
     return {k: {"min": min(v), "median": statistics.median(v), "runs": v} for k, v in times.items()}
 
 
-def memory_bandwidth_gbs(size_mib: int = 1024, repeats: int = 5) -> dict:
-    """Read bandwidth (sum over a large array) and copy bandwidth (bytes read + written), best of repeats."""
+def memory_bandwidth_gbs(size_mib: int = 1024, repeats: int = 5, threads: int | None = None) -> dict:
+    """Read bandwidth (a sum over a large array, split over `threads` threads like a decode step is, since one
+    core cannot saturate memory) and single-thread copy bandwidth (bytes read + written); best of repeats."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
+    threads = threads or os.cpu_count() or 1
     a = np.ones(size_mib * 2**20 // 4, dtype=np.float32)
     b = np.empty_like(a)
+    parts = np.array_split(a, threads)
     read, copy = [], []
+    pool = ThreadPoolExecutor(threads)
     for _ in range(repeats):
         t = time.perf_counter()
-        a.sum()
+        list(pool.map(np.sum, parts))  # numpy releases the GIL inside the reduction
         read.append(a.nbytes / (time.perf_counter() - t) / 1e9)
         t = time.perf_counter()
         np.copyto(b, a)
         copy.append(2 * a.nbytes / (time.perf_counter() - t) / 1e9)
-    return {"read_gbs": max(read), "copy_gbs": max(copy), "array_mib": size_mib}
+    pool.shutdown()
+    return {"read_gbs": max(read), "copy_gbs": max(copy), "array_mib": size_mib, "read_threads": threads}
 
 
 def write_result(name: str, payload: dict) -> Path:

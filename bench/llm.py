@@ -93,7 +93,7 @@ def main(argv=None) -> None:
 
     pre = interleave({"edge": ours_prefill, "llama_cpp.Llama": plain_prefill}, a.repeats)
     dec = interleave({"edge": ours_decode, "llama_cpp.Llama": plain_decode}, a.repeats)
-    bw = memory_bandwidth_gbs()
+    bw = memory_bandwidth_gbs(threads=a.threads)
     per_tok = weight_bytes_per_token(path)
     res = {
         "model": str(path), "model_bytes": path.stat().st_size, "threads": a.threads, "n_ctx": a.n_ctx,

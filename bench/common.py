@@ -49,7 +49,14 @@ def machine() -> dict:
 
 
 def peak_rss_gib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process so far. Linux: VmHWM from /proc/self/status, because ru_maxrss
+    survives fork+exec and would report the parent's size for a child started from a big process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import interleave, peak_rss_gib, versions, write_result
+from bench.common import interleave, peak_rss_gib, timed, versions, write_result
 
 GOLDEN_CKPT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "ckpt"
 # Whisper-medium encoder + MiniCPM-o 2.6 projector (spec §1.6).
@@ -117,7 +117,7 @@ def run(a: argparse.Namespace, work: Path) -> None:
     wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(seconds * sr) / sr)
             + 0.05 * rng.standard_normal(seconds * sr)).astype(np.float32)
     extractor = LogMelExtractor.create()
-    mel_s = min(_timed(lambda: extractor(wave)) for _ in range(3))
+    mel_s = min(timed(lambda: extractor(wave)) for _ in range(3))
     mel30 = extractor(wave)
     chunks = [mel30[:, i:i + 100] for i in range(0, mel30.shape[1], 100)]
     s30 = encoder_frames(mel30.shape[1])
@@ -177,12 +177,6 @@ def run(a: argparse.Namespace, work: Path) -> None:
                                       for k, v in res.items()))
     print(f"log-mel 30 s: {1e3 * mel_s:.1f} ms")
     write_result(f"audio-{a.scale if a.ckpt is None else 'ckpt'}", payload)
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

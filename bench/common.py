@@ -60,6 +60,13 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def interleave(sides: dict[str, Callable[[], float | None]], repeats: int) -> dict[str, dict]:
     """Run each side once per round, alternating; a side returns its own measured seconds or None (then the
     call is timed here). Returns min/median/all per side."""

@@ -11,7 +11,6 @@ top-1 agreement. JSON to bench/results/golden_report-*.json.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 

@@ -31,7 +31,7 @@ def child(bundle: str, cfg: dict, threads: int, decode: int, whole: bool) -> dic
     import numpy as np
 
     from edge.bundle import Bundle
-    from edge.llm import LLM, LLMOptions
+    from edge.llm import LLM
     from edge.profiles import Hardware, estimate_memory, resolve_profile
     from edge.sampling import SamplingOptions
 
@@ -72,6 +72,7 @@ def main(argv=None) -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--mem-cap-gib", type=float, default=0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--llm-only", action="store_true", help="skip the whole-pipeline runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
         return
     results: dict = {}
     for rep in range(a.repeats):  # interleave configurations across repeats (noisy host)
-        for whole in (False, True):
+        for whole in ((False,) if a.llm_only else (False, True)):
             for name, cfg in CONFIGS.items():
                 key = f"{'pipeline' if whole else 'llm'} / {name}"
                 cmd = [sys.executable, "-m", "bench.memory", a.bundle, "--threads", str(a.threads), "--decode",

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import interleave, peak_rss_gib, versions, write_result
+from bench.common import interleave, peak_rss_gib, timed, versions, write_result
 
 GOLDEN_CKPT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "ckpt"
 # SigLIP-so400m NaViT + MiniCPM-o 2.6 resampler (spec §1.4, §1.5).
@@ -138,7 +138,7 @@ def _run(a: argparse.Namespace, work: Path) -> None:
     results, cos = {}, {}
     for name, side in cases.items():
         img = synthetic_image(side)
-        prep_s = min(_timed(lambda: preprocess_image(img)) for _ in range(3))
+        prep_s = min(timed(lambda: preprocess_image(img)) for _ in range(3))
         pre = preprocess_image(img)
         batch = rt.build_batch(pre.slices, pre.tgt_sizes, pre.patch_size, encs[variants[0]].num_patches_per_side)
         targs = tuple(torch.from_numpy(x) for x in (batch.patches, batch.position_ids, batch.key_bias, batch.grid_xy))
@@ -177,12 +177,6 @@ def _runner(encoder, pre):
     def run() -> None:
         encoder(pre)
     return run
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

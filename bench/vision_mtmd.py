@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import interleave, peak_rss_gib, versions, write_result
+from bench.common import interleave, peak_rss_gib, timed, versions, write_result
 
 # libmtmd / ggml enums (tools/mtmd/mtmd.h, ggml.h).
 FLASH_ATTN_AUTO = -1  # mtmd_context_params_default(); 0 = disabled, 1 = enabled
@@ -242,7 +242,7 @@ def run(a: argparse.Namespace, work: Path) -> None:
         img: Image.Image = synthetic_image(side)
         pre = preprocess_image(img)
         mimg = mt.tokenize(np.asarray(img))
-        ours_pre = min(_timed(lambda: preprocess_image(img)) for _ in range(3))
+        ours_pre = min(timed(lambda: preprocess_image(img)) for _ in range(3))
         if len(mimg.image_chunks) != pre.n_slices:
             print(f"note: mtmd made {len(mimg.image_chunks)} image chunks, we make {pre.n_slices} slices")
         outs: dict[str, np.ndarray] = {}  # each side's latest output, for the parity figures
@@ -294,12 +294,6 @@ def _runner(encoder, pre, outs: dict, key: str):
     def run() -> None:
         outs[key] = encoder(pre)
     return run
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 if __name__ == "__main__":

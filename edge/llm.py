@@ -63,7 +63,11 @@ class LLMOptions:
     n_threads_batch: int = 0
     kv_type: str = "f16"
     flash_attn: str = "auto"
-    use_mmap: bool = True
+    # Measured on the Qwen2.5-7B-shaped Q4_K_M (bench/results/memory-20261128T071956Z.json): mmap + repack peaks
+    # at 7.47 GiB (mapped pages and the repacked copy both resident); reading into buffers + repack peaks at 4.60 GiB
+    # at the same decode speed (4.5 vs 4.4 tok/s) for ~5 s more load time; mmap without repack is 4.60 GiB but
+    # ~12% slower to decode. Hence: read, repack.
+    use_mmap: bool = False
     repack: bool = True
     n_gpu_layers: int = 0
     verbose: bool = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -233,11 +234,9 @@ def estimate_memory(bundle, profile: Profile, *, parts: tuple[str, ...] = ("visi
 
 
 def _role_variant(role: str) -> str | None:
-    """'fp32' / 'int8' for variant files ('int8', 'whole_int8', 'dvae.int8'), None for shared files."""
-    for v in ("fp32", "int8"):
-        if role == v or role.endswith("_" + v) or role.endswith("." + v):
-            return v
-    return None
+    """'fp32' / 'int8' for variant files ('int8', 'whole_int8', 'dvae.int8', 'fp32_data'), None for shared files."""
+    words = set(re.split(r"[._/]", role))
+    return next((v for v in ("fp32", "int8") if v in words), None)
 
 
 def check_fits(estimate: MemoryEstimate, hw: Hardware, profile: Profile) -> None:

@@ -97,7 +97,28 @@ def _cmd_bench(a) -> None:
     names = sorted(m.name for m in pkgutil.iter_modules([str(root / "bench")]) if m.name != "common")
     if a.name not in names:
         raise RuntimeError(f"unknown benchmark {a.name!r}; available: {', '.join(names)}")
+    apply_device_limits(cpus=a.cpus, mem_cap_gib=a.mem_cap_gib)
     importlib.import_module(f"bench.{a.name}").main(a.args)
+
+
+def apply_device_limits(*, cpus: int = 0, mem_cap_gib: float = 0) -> dict:
+    """Approximate a smaller device for a benchmark: pin to `cpus` cores and cap the address space. Memory-mapped
+    files count against RLIMIT_AS, so a capped run measures what would not fit a device of that size."""
+    import os
+    import resource
+
+    applied = {}
+    if cpus:
+        cores = sorted(os.sched_getaffinity(0))[:cpus]
+        os.sched_setaffinity(0, cores)
+        applied["cpus"] = cores
+    if mem_cap_gib:
+        cap = int(mem_cap_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        applied["mem_cap_bytes"] = cap
+    if applied:
+        print(f"device limits: {applied}", flush=True)
+    return applied
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_chat)
 
     s = sub.add_parser("bench", help="run a benchmark from bench/ (e.g. `bench server --help`)")
+    s.add_argument("--cpus", type=int, default=0, help="pin the benchmark to this many cores (approximate a device)")
+    s.add_argument("--mem-cap-gib", type=float, default=0, help="address-space cap (RLIMIT_AS) for the benchmark")
     s.add_argument("name", help="benchmark module in bench/ (llm, vision, audio, tts, server, ...)")
     s.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     s.set_defaults(fn=_cmd_bench)

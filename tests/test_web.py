@@ -418,7 +418,7 @@ def test_live_turn_then_barge_in(browser, stack, tmp_path):
         chunks = contiguous(s["schedule"], rid)
         assert len(chunks) == len(run["pcm"]) == s["audioChunksScheduled"]
         assert sum(c["duration"] for c in chunks) == pytest.approx(len(pcm) / TTS_RATE, abs=1e-6)
-        assert p.page.locator(f'li[data-reply="{rid}"] .text').inner_text() == text.strip()
+        assert p.page.locator(f'li[data-reply="{rid}"] .text').inner_text().strip() == text.strip()  # the DOM may keep edge whitespace of a random reply
         p.wait("() => window.edgeDemo.stats.audioChunksEnded >= 1", what="the first speech chunk to play out")
         # latency on the page: client-side times include the server's own
         t = rec["timing"]

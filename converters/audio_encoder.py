@@ -28,13 +28,13 @@ MatMul weights.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from converters.checkpoint import Checkpoint
+from converters.progress import reporter
 from edge import audio_encoder as rt
 from edge.bundle import BundleFile, BundlePart
 from edge.errors import InvalidInputError
@@ -283,9 +283,7 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
     dims = AudioDims.from_checkpoint(ckpt)
     ckpt.require(required_tensors(dims))
 
-    def say(msg: str) -> None:
-        if progress:
-            print(f"[audio] {msg}", file=sys.stderr, flush=True)
+    say = reporter("audio", progress)
 
     say(f"Whisper encoder d_model {dims.d_model}, {dims.n_layers} layers, {dims.n_heads} heads -> "
         f"projector {dims.llm_hidden}; exporting ONNX (opset {OPSET})")

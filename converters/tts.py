@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from converters.checkpoint import Checkpoint
+from converters.progress import reporter
 from edge.bundle import BundleFile, BundlePart
 from edge.errors import CorruptModelFileError, ModelFilesNotFoundError
 from edge.tts import backbone as B
@@ -76,8 +76,7 @@ class _Cfg:
 
 
 def _say(progress: bool, msg: str) -> None:
-    if progress:
-        print(f"[tts] {msg}", file=sys.stderr, flush=True)
+    reporter("tts", progress)(msg)
 
 
 # --- torch modules (imported lazily: torch is a converter-only dependency) ----------------------------------------

@@ -23,7 +23,6 @@ of int8 vs fp32 embeddings on a synthetic image is measured at export time and s
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.checkpoint import Checkpoint
+from converters.progress import reporter
 from edge import vision as rt
 from edge.bundle import BundleFile, BundlePart
 from edge.errors import InvalidInputError
@@ -285,9 +285,7 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
     dims = VisionDims.from_checkpoint(ckpt)
     ckpt.require(required_tensors(dims))
 
-    def say(msg: str) -> None:
-        if progress:
-            print(f"[vision] {msg}", file=sys.stderr, flush=True)
+    say = reporter("vision", progress)
 
     say(f"SigLIP {dims.vision_hidden}x{dims.vision_layers} layers, {dims.vision_heads} heads; resampler "
         f"{dims.query_num}x{dims.llm_hidden}, {dims.resampler_heads} heads; exporting ONNX (opset {OPSET})")

@@ -16,8 +16,9 @@ What is written (under `tts/` in the bundle; roles/names are owned by edge/tts/b
 - tokenizer/: copy of `assets/chattts_tokenizer/`.
 
 Every graph is built from plain torch modules written here (not the official classes) and checked against
-onnxruntime on a probe input at export time; int8 = onnxruntime dynamic quantisation of the MatMul weights
-(per channel), with its cosine against fp32 recorded in the meta.
+onnxruntime on a probe input at export time; int8 = 8-bit blockwise MatMulNBits for the backbone's projections and
+onnxruntime dynamic quantisation of the MatMul weights (per channel) for DVAE and Vocos, each with its cosine against
+fp32 recorded in the meta.
 """
 
 from __future__ import annotations
@@ -113,7 +114,11 @@ def _modules():
             return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS))
 
     class Llama(nn.Module):
-        """LlamaModel forward with external cache; attention = softmax([q.Kpast, q.Knew] + mask) split back."""
+        """LlamaModel forward with external cache; attention = softmax([q.Kpast, q.Knew] + mask) split back.
+
+        Built for few graph nodes, because a 1-frame step is dominated by per-node overhead, not FLOPs: q/k/v are one
+        Linear (and gate/up another), RoPE's rotate_half is a matmul with a fixed signed permutation `rot` (exact:
+        entries are 0 and +-1) applied to q and k together."""
 
         def __init__(self, get, n_layers, n_heads, head_dim, heads):
             super().__init__()
@@ -122,45 +127,45 @@ def _modules():
             self.n_heads, self.head_dim = n_heads, head_dim
             inv = 1.0 / (ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
             self.register_buffer("inv_freq", inv)
+            half = head_dim // 2
+            rot = torch.zeros(head_dim, head_dim)  # x @ rot == cat(-x[half:], x[:half])
+            rot[torch.arange(half) + half, torch.arange(half)] = -1.0
+            rot[torch.arange(half), torch.arange(half) + half] = 1.0
+            self.register_buffer("rot", rot)
             self.layers = nn.ModuleList()
             for i in range(n_layers):
                 p = f"tts.model.layers.{i}."
                 m = nn.Module()
                 m.ln1 = RMSNorm(get(p + "input_layernorm.weight"))
                 m.ln2 = RMSNorm(get(p + "post_attention_layernorm.weight"))
-                for n in ("q", "k", "v", "o"):
-                    setattr(m, n, lin(get(f"{p}self_attn.{n}_proj.weight")))
-                for n in ("gate", "up", "down"):
-                    setattr(m, n, lin(get(f"{p}mlp.{n}_proj.weight")))
+                m.qkv = lin(np.concatenate([get(f"{p}self_attn.{n}_proj.weight") for n in ("q", "k", "v")]))
+                m.o = lin(get(p + "self_attn.o_proj.weight"))
+                m.gate_up = lin(np.concatenate([get(f"{p}mlp.{n}_proj.weight") for n in ("gate", "up")]))
+                m.down = lin(get(p + "mlp.down_proj.weight"))
                 self.layers.append(m)
             self.norm = RMSNorm(get("tts.model.norm.weight"))
 
         def forward(self, inputs_embeds, position_ids, attention_mask, *past):
             b, n = inputs_embeds.shape[0], inputs_embeds.shape[1]
+            nh, hd = self.n_heads, self.head_dim
             freqs = position_ids.float().unsqueeze(-1) * self.inv_freq
-            emb = torch.cat([freqs, freqs], dim=-1)
-            cos, sin = emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
-            half = self.head_dim // 2
-
-            def rope(t):
-                rot = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
-                return t * cos + rot * sin
-
+            emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # (b, n, 1, hd), broadcast over q and k heads
+            cos, sin = emb.cos(), emb.sin()
             x, new = inputs_embeds, []
-            scale = self.head_dim ** -0.5
+            scale = hd ** -0.5
+            n_past = past[0].shape[2]  # one Shape node for all layers: every layer's cache has the same length
             for i, m in enumerate(self.layers):
-                h = m.ln1(x)
-                q = rope(m.q(h).reshape(b, n, self.n_heads, self.head_dim).transpose(1, 2))
-                k = rope(m.k(h).reshape(b, n, self.n_heads, self.head_dim).transpose(1, 2))
-                v = m.v(h).reshape(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+                qkv = m.qkv(m.ln1(x)).reshape(b, n, 3 * nh, hd)
+                qk, v = qkv[:, :, :2 * nh], qkv[:, :, 2 * nh:].transpose(1, 2)
+                qk = qk * cos + (qk @ self.rot) * sin
+                q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
                 pk, pv = past[2 * i], past[2 * i + 1]
                 s = torch.cat([q @ pk.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1) * scale + attention_mask
                 p = torch.softmax(s, dim=-1)
-                n_past = pk.shape[2]
                 o = p[..., :n_past] @ pv + p[..., n_past:] @ v
-                x = x + m.o(o.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
-                h = m.ln2(x)
-                x = x + m.down(torch.nn.functional.silu(m.gate(h)) * m.up(h))
+                x = x + m.o(o.transpose(1, 2).reshape(b, n, nh * hd))
+                g, u = m.gate_up(m.ln2(x)).chunk(2, dim=-1)
+                x = x + m.down(torch.nn.functional.silu(g) * u)
                 new += [k, v]
             x = self.norm(x)
             logits = self.heads(x[:, -1]).reshape(b, self.head_shape[0], self.head_shape[1])
@@ -258,7 +263,10 @@ def _modules():
 
 # --- export -------------------------------------------------------------------------------------------------------
 INT8_MIN_COSINE = 0.99  # below this on the export probe an int8 graph is not written (the runtime uses fp32)
-HEADS_NODE_PREFIX = "/heads/"  # TorchScript exporter node names of the `heads` Linear in the backbone graph
+# TorchScript exporter names of the backbone's projection MatMuls (module attributes qkv/o/gate_up/down of `Llama`)
+BACKBONE_LINEAR_NODE = r"^/(qkv|o|gate_up|down)(_\d+)?/MatMul$"
+# MatMulNBits settings: 8-bit symmetric blocks of 32 (the block size of llama.cpp's Q8_0) with int8 activations.
+NBITS_BITS, NBITS_BLOCK, NBITS_ACCURACY_LEVEL = 8, 32, 4
 
 
 def _onnx_export(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
@@ -296,18 +304,8 @@ def _check(name: str, got: list[np.ndarray], ref: list, tol: float = 1e-4) -> fl
     return err
 
 
-def _int8(fp32: Path, name: str, feed: dict, ref: list[np.ndarray], progress: bool,
-          keep_fp32: str | None = None) -> tuple[Path | None, float]:
-    """Dynamic int8 quantisation of the MatMul weights (per output channel), except MatMul nodes whose name starts
-    with `keep_fp32`; keep the file only if the probe agrees."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out = fp32.with_name(fp32.name.replace(".fp32.", ".int8."))
-    graph = onnx.load(str(fp32), load_external_data=False).graph
-    exclude = [n.name for n in graph.node if keep_fp32 and n.op_type == "MatMul" and n.name.startswith(keep_fp32)]
-    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True, nodes_to_exclude=exclude)
+def _keep_if_close(out: Path, name: str, feed: dict, ref: list[np.ndarray], progress: bool) -> tuple[Path | None, float]:
+    """Keep a quantised graph only if its probe output stays within INT8_MIN_COSINE of fp32."""
     cos = min(_cos(g, r) for g, r in zip(_run(out, feed), ref))
     _say(progress, f"{name} int8: cosine vs fp32 on the probe = {cos:.5f}")
     if cos < INT8_MIN_COSINE:
@@ -316,6 +314,42 @@ def _int8(fp32: Path, name: str, feed: dict, ref: list[np.ndarray], progress: bo
         out.unlink()
         return None, cos
     return out, cos
+
+
+def _int8(fp32: Path, name: str, feed: dict, ref: list[np.ndarray], progress: bool) -> tuple[Path | None, float]:
+    """Dynamic int8 quantisation of the MatMul weights (per output channel): the conv-heavy DVAE and Vocos."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = fp32.with_name(fp32.name.replace(".fp32.", ".int8."))
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     per_channel=True)
+    return _keep_if_close(out, name, feed, ref, progress)
+
+
+def _int8_blockwise(fp32: Path, name: str, feed: dict, ref: list[np.ndarray],
+                    progress: bool) -> tuple[Path | None, float]:
+    """Weight-only 8-bit MatMulNBits for the backbone's projection MatMuls (BACKBONE_LINEAR_NODE).
+
+    Why not `quantize_dynamic` as for the other graphs: a TTS step is one position, i.e. 80 matrix-vector products,
+    and onnxruntime's MatMulNBits kernels (accuracy level 4: int8 dot products) run those markedly faster than
+    DynamicQuantizeLinear + MatMulInteger (bench/results/tts-full-*.json). Everything else stays fp32: the code
+    heads (their top-1/top-2 margins can be ~1e-3, golden README; int8 flips argmaxes), the attention products
+    and RoPE's exact +-1 permutation."""
+    import re
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = fp32.with_name(fp32.name.replace(".fp32.", ".int8."))
+    model = onnx.load(str(fp32))
+    linear = re.compile(BACKBONE_LINEAR_NODE)
+    skip = [n.name for n in model.graph.node if n.op_type == "MatMul" and not linear.match(n.name)]
+    quantizer = MatMulNBitsQuantizer(model, bits=NBITS_BITS, block_size=NBITS_BLOCK, is_symmetric=True,
+                                     accuracy_level=NBITS_ACCURACY_LEVEL, nodes_to_exclude=skip)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line/node
+    quantizer.process()
+    onnx.save_model(quantizer.model.model, str(out))
+    return _keep_if_close(out, name, feed, ref, progress)
 
 
 def _required(cfg: _Cfg) -> list[str]:
@@ -406,8 +440,7 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
     checks["backbone"] = _check("backbone", _run(path, feed), llama(*targs))
     files[B.variant_role(B.ROLE_BACKBONE, "fp32")] = rel("backbone.fp32.onnx")
     if int8:
-        # The code heads stay fp32: their top-1/top-2 margins can be ~1e-3 (golden README), int8 flips argmaxes.
-        q8, int8_cos["backbone"] = _int8(path, "backbone", feed, ref, progress, keep_fp32=HEADS_NODE_PREFIX)
+        q8, int8_cos["backbone"] = _int8_blockwise(path, "backbone", feed, ref, progress)
         if q8:
             files[B.variant_role(B.ROLE_BACKBONE, "int8")] = rel(q8.name)
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import re
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import numpy as np
 
@@ -63,6 +65,8 @@ class Job:
     stream_audio: speech chunks while the text is generated (else one wave after the text).
     speak_text: no generation: speak this text with the speaker state of `messages` (audio/speech endpoint).
     tts_seed: seed of the speech-code sampler (None = fresh entropy); with it, speech is reproducible too.
+    live: a live socket's turn (edge/server/realtime.py): `live(job, emit, cancel) -> Finished` answers from its
+        own streaming session's KV cache, and `messages` only describe the turn's new input.
     """
 
     messages: list
@@ -75,6 +79,7 @@ class Job:
     stream_audio: bool = False
     speak_text: str | None = None
     tts_seed: int | None = None
+    live: Callable | None = None
 
 
 @dataclass
@@ -254,6 +259,7 @@ class Engine:
         self._encode_lock = threading.Lock()
         self._tts_lock = threading.Lock()
         self._stats_lock = threading.Lock()
+        self._llm_owner: weakref.ref | None = None  # who filled the KV cache last: a live session, None = a request
 
     @classmethod
     def load(cls, settings: ServerSettings, *, progress: bool = True) -> "Engine":
@@ -289,10 +295,33 @@ class Engine:
         o = self.omni
         prompt = o.build_prompt([{"role": "user", "content": "hi"}])
         with self._llm_lock:
+            self._llm_owner = None
             last, _ = o.llm.prefill(o.segments(prompt, []))
             for _ in o.llm.generate(last, SamplingOptions.greedy_decoding(), max_new_tokens=WARMUP_TOKENS):
                 pass
             o.llm.reset()
+
+    # --- live sessions (edge/server/realtime.py) ------------------------------------------------------------------
+    @property
+    def llm_owner(self):
+        """The live session whose state the KV cache holds (None after any other job used the LLM)."""
+        return self._llm_owner() if self._llm_owner is not None else None
+
+    @contextlib.contextmanager
+    def exclusive(self, owner, *, encoders: bool = False) -> Iterator[bool]:
+        """The LLM (in FIFO order with requests; with `encoders`, the ONNX encoders too) for a caller that keeps
+        its own state in the KV cache. Yields True when the cache still holds what `owner` left there (no other job
+        used the LLM since); otherwise the owner must rebuild it. Held across a whole op, so nothing interleaves."""
+        with self._llm_lock, (self._encode_lock if encoders else contextlib.nullcontext()):
+            resident = self.llm_owner is owner
+            self._llm_owner = weakref.ref(owner)
+            yield resident
+
+    @contextlib.contextmanager
+    def speaker(self, seed: int | None) -> Iterator:
+        """The shared TTS seeded for one reply, held for the reply's speech."""
+        with self._tts_lock:
+            yield self._seeded_tts(seed)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -367,6 +396,8 @@ class Engine:
                 _ = self.omni.tts
 
     def _generate(self, job: Job, emit, cancel: threading.Event) -> Finished:
+        if job.live is not None:
+            return job.live(job, emit, cancel)
         o = self.omni
         speak = job.speak or job.speak_text is not None
         kwargs = {**job.prompt_kwargs, **({"use_tts_template": True} if speak else {})}
@@ -383,6 +414,7 @@ class Engine:
         with self._llm_lock:
             if cancel.is_set():
                 return Finished("", 0, "interrupted")
+            self._llm_owner = None  # a live session's KV state is overwritten below
             if not self.settings.prompt_cache:
                 o.llm.reset()
             elif spk_pos:  # a reused prefix has no hidden states: re-decode from the speaker position

@@ -18,6 +18,7 @@ class GovernorOptions:
     high_water: slow down when smoothed unit time exceeds this fraction of the budget.
     low_water: speed back up when it falls below this fraction (hysteresis against flapping).
     max_stride: lowest frame rate = one frame per `max_stride` units.
+    min_stride: highest frame rate = one frame per `min_stride` units (a device profile's `live_fps` cap).
     smoothing: weight of the newest measurement in the moving average.
     """
 
@@ -25,13 +26,14 @@ class GovernorOptions:
     high_water: float = 0.9
     low_water: float = 0.45
     max_stride: int = 8
+    min_stride: int = 1
     smoothing: float = 0.5
 
 
 class RealtimeGovernor:
     def __init__(self, options: GovernorOptions | None = None):
         self.options = options or GovernorOptions()
-        self.stride = 1  # a frame every `stride` units
+        self.stride = self.options.min_stride  # a frame every `stride` units
         self._unit = 0
         self._avg: float | None = None
         self.changes: list[str] = []
@@ -54,11 +56,11 @@ class RealtimeGovernor:
         budget = o.unit_seconds
         msg = None
         if self._avg > o.high_water * budget and self.stride < o.max_stride:
-            self.stride *= 2
+            self.stride = min(self.stride * 2, max(o.max_stride, o.min_stride))
             msg = (f"encoding needs {self._avg:.2f} s per {budget:.0f}-s unit: camera lowered to "
                    f"{self.fps:.2f} fps (audio kept whole)")
-        elif had_frame and self._avg < o.low_water * budget and self.stride > 1:
-            self.stride //= 2
+        elif had_frame and self._avg < o.low_water * budget and self.stride > o.min_stride:
+            self.stride = max(self.stride // 2, o.min_stride)
             msg = f"encoding keeps up again ({self._avg:.2f} s per unit): camera raised to {self.fps:.2f} fps"
         if msg:
             self._avg = None  # measure afresh at the new rate

@@ -26,7 +26,8 @@ class ChatOptions:
     voice: reference clip whose voice the spoken replies clone (official voice-cloning prompt).
     speak: play replies on the speakers; save_audio: write each spoken reply to DIR/reply-N.wav.
     system: system prompt; max_tokens, temperature, seed: generation settings (None = official defaults).
-    threads: CPU threads (0 = all cores).
+    threads: CPU threads (0 = the profile's; all cores without a profile).
+    profile, overrides: device profile name (None = none: fp32 graphs, no memory check) and its `--set` values.
     """
 
     bundle: str | None = None
@@ -42,6 +43,8 @@ class ChatOptions:
     seed: int | None = None
     threads: int = 0
     max_video_frames: int = 16
+    profile: str | None = None
+    overrides: tuple = ()
 
 
 @dataclass
@@ -60,7 +63,8 @@ class ChatSession:
         self.o, self.out = options, out
         self.engine = Engine.load(ServerSettings(bundle=options.bundle, threads=options.threads,
                                                  max_tokens=max(options.max_tokens, 1),
-                                                 max_video_frames=options.max_video_frames))
+                                                 max_video_frames=options.max_video_frames,
+                                                 profile=options.profile, overrides=tuple(options.overrides)))
         self.history: list[dict] = []
         self.has_video = False
         self.pending = _Turn()

@@ -56,7 +56,8 @@ def _cmd_info(a) -> None:
 def _cmd_demo(a) -> None:
     from edge.demo import run_demo
 
-    run_demo(bundle=a.bundle, speak=not a.no_speech, output_audio=a.output_audio, threads=a.threads)
+    run_demo(bundle=a.bundle, speak=not a.no_speech, output_audio=a.output_audio, threads=a.threads,
+             profile=a.profile, overrides=a.overrides)
 
 
 def _cmd_live(a) -> None:
@@ -82,7 +83,8 @@ def _cmd_chat(a) -> None:
 
     run_chat(ChatOptions(bundle=a.bundle, images=tuple(a.image), audios=tuple(a.audio), video=a.video,
                          voice=a.voice, speak=a.speak, save_audio=a.save_audio, system=a.system,
-                         max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed, threads=a.threads))
+                         max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed, threads=a.threads,
+                         profile=a.profile, overrides=tuple(a.overrides)))
 
 
 def _cmd_bench(a) -> None:
@@ -122,6 +124,8 @@ def apply_device_limits(*, cpus: int = 0, mem_cap_gib: float = 0) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edge.profiles import add_profile_arguments
+
     p = argparse.ArgumentParser(prog="minicpmo-edge", description="On-device runtime for MiniCPM-o 2.6.")
     p.add_argument("--version", action="version", version=f"minicpmo-edge {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -131,13 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundle", help="bundle dir (default: an installed real bundle, else the built-in one)")
     s.add_argument("--no-speech", action="store_true", help="text reply only")
     s.add_argument("--output-audio", default="demo-reply.wav", help="where the spoken reply is written")
-    s.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads for llama.cpp and onnxruntime (0 = the "
+                   "profile's)")
+    add_profile_arguments(s)
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("live", help="live conversation: camera + microphone (or files) -> speech, with barge-in")
     from edge.live import add_live_arguments
 
     add_live_arguments(s)
+    add_profile_arguments(s)
     s.set_defaults(fn=_cmd_live)
 
     s = sub.add_parser("synth", help="write a synthetic checkpoint (official layout, random weights)")
@@ -173,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edge.server.settings import add_arguments
 
     add_arguments(s, skip=("bundle",))
+    add_profile_arguments(s)
     s.set_defaults(fn=_cmd_serve)
 
     s = sub.add_parser("chat", help="interactive chat in the terminal (text, images, audio, video, speech)")
@@ -187,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default: 512)")
     s.add_argument("--temperature", type=float, help="sampling temperature (default: official 0.7; 0 = greedy)")
     s.add_argument("--seed", type=int, help="sampling seed for reproducible replies")
-    s.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads for llama.cpp and onnxruntime (0 = the "
+                   "profile's)")
+    add_profile_arguments(s)
     s.set_defaults(fn=_cmd_chat)
 
     s = sub.add_parser("bench", help="run a benchmark from bench/ (e.g. `bench server --help`)")

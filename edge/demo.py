@@ -69,20 +69,22 @@ class Timings:
 
 
 def run_demo(bundle=None, *, speak: bool = True, output_audio: str | Path = "demo-reply.wav", threads: int = 0,
-             image=None, audio=None, question: str = "What is in the picture? Answer the spoken question too.") -> dict:
+             profile="auto", overrides=(), image=None, audio=None,
+             question: str = "What is in the picture? Answer the spoken question too.") -> dict:
+    """`profile`: a device profile name or Profile (see edge.profiles), `overrides`: its `--set` values;
+    `threads` (0 = the profile's) sets both llama.cpp and onnxruntime threads."""
     from edge.default_bundle import resolve_bundle
-    from edge.llm import LLMOptions
-    from edge.omni import Omni, OmniOptions
-    from edge.onnx_session import OrtOptions
+    from edge.omni import Omni
+    from edge.profiles import start_profile
     from edge.sampling import SamplingOptions
 
     tm = Timings()
     t0 = time.perf_counter()
     b = resolve_bundle(bundle)
-    opts = OmniOptions(llm=LLMOptions(n_threads=threads), ort=OrtOptions(intra_op_threads=threads))
-    omni = Omni.load(b, opts)
-    tm.add("load bundle", time.perf_counter() - t0)
     print(f"bundle: {b.root} ({b.source.get('name')})")
+    prof, hw = start_profile(b, profile, overrides, threads=threads)
+    omni = Omni.load(b, profile=prof, hardware=hw)
+    tm.add("load bundle", time.perf_counter() - t0)
     if omni.random_weights:
         print(RANDOM_WEIGHTS_NOTICE)
     img = image if image is not None else demo_image()
@@ -118,7 +120,8 @@ def run_demo(bundle=None, *, speak: bool = True, output_audio: str | Path = "dem
     print()
     tm.add("LLM first token", first or 0.0)
     tm.add(f"LLM decode ({n_tok} tokens, {n_tok / max(dt, 1e-9):.1f} tok/s)", dt)
-    result = {"text": "".join(text), "tokens": n_tok, "timings": tm.stages, "random_weights": omni.random_weights}
+    result = {"text": "".join(text), "tokens": n_tok, "timings": tm.stages, "random_weights": omni.random_weights,
+              "profile": prof}
     if speak:
         from edge.io.speaker import write_wav
 

@@ -11,9 +11,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_N_CTX = 8192  # a live session grows ~100 tokens per second of video+audio; the web demo resets at 8192
-
-
 @dataclass
 class LiveArgs:
     """Attributes mirror the command line (see `add_live_arguments`)."""
@@ -31,7 +28,9 @@ class LiveArgs:
     vad: str = "auto"
     llm_threads: int = 0
     ort_threads: int = 0
-    n_ctx: int = DEFAULT_N_CTX
+    n_ctx: int | None = None
+    profile: str = "auto"
+    overrides: tuple = ()
     max_new_tokens: int = 128
     seed: int | None = None
     trace: str | None = None
@@ -50,9 +49,9 @@ def add_live_arguments(s) -> None:
     s.add_argument("--no-barge-in", action="store_true", help="ignore user speech while the assistant talks")
     s.add_argument("--no-overlap", action="store_true", help="run TTS after decoding (for comparison)")
     s.add_argument("--vad", choices=["auto", "silero", "energy"], default="auto")
-    s.add_argument("--llm-threads", type=int, default=0, help="llama.cpp threads (0 = measured default)")
-    s.add_argument("--ort-threads", type=int, default=0, help="onnxruntime threads (0 = measured default)")
-    s.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX)
+    s.add_argument("--llm-threads", type=int, default=0, help="llama.cpp threads (0 = the profile's live split)")
+    s.add_argument("--ort-threads", type=int, default=0, help="onnxruntime threads (0 = the profile's live split)")
+    s.add_argument("--n-ctx", type=int, help="LLM context in tokens (default: the profile's live_n_ctx)")
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--seed", type=int)
     s.add_argument("--trace", help="append one JSON line of latency timestamps per turn to this file")
@@ -85,22 +84,21 @@ class StatusLine:
 def run_live(a: LiveArgs, *, status: StatusLine | None = None):
     from edge.default_bundle import resolve_bundle
     from edge.demo import RANDOM_WEIGHTS_NOTICE
+    from edge.governor import GovernorOptions, RealtimeGovernor
     from edge.io.microphone import FileMicrophone, MicOptions, MicrophoneSource, make_vad
-    from edge.llm import LLMOptions
-    from edge.omni import Omni, OmniOptions
-    from edge.onnx_session import OrtOptions
-    from edge.orchestrator import LiveOptions, Orchestrator, ThreadSplit
+    from edge.omni import Omni
+    from edge.orchestrator import LiveOptions, Orchestrator
+    from edge.profiles import start_profile
     from edge.streaming import StreamingSession
 
     status = status or StatusLine()
-    split = ThreadSplit.for_cores()
-    split = ThreadSplit(a.llm_threads or split.llm_threads, a.ort_threads or split.ort_threads)
     bundle = resolve_bundle(a.bundle)
+    print(f"bundle: {bundle.root}")
+    prof, hw = start_profile(bundle, a.profile, a.overrides, live=True, llm_threads=a.llm_threads,
+                             ort_threads=a.ort_threads, n_ctx=a.n_ctx)
     # Spinning ORT threads starve the other stage on small boxes: off for every session of the live pipeline.
-    ort = OrtOptions(intra_op_threads=split.ort_threads, allow_spinning=False)
-    omni = Omni.load(bundle, OmniOptions(llm=LLMOptions(n_ctx=a.n_ctx, n_threads=split.llm_threads,
-                                                        n_threads_batch=split.llm_threads), ort=ort))
-    print(f"bundle: {bundle.root} | threads: llama.cpp {split.llm_threads}, onnxruntime {split.ort_threads}")
+    omni = Omni.load(bundle, prof.omni_options(ort=prof.ort_options(allow_spinning=False)), profile=prof,
+                     hardware=hw)
     if omni.random_weights:
         print(RANDOM_WEIGHTS_NOTICE)
     cam = sink = None
@@ -115,7 +113,9 @@ def run_live(a: LiveArgs, *, status: StatusLine | None = None):
             from edge.io.camera import Camera, CameraOptions
 
             try:
-                cam = Camera(CameraOptions(source=a.camera, speed=a.speed))
+                side = prof.live_frame_max_side  # asked of a device (4:3); frames above it are shrunk anyway
+                cam = _SizedCamera(Camera(CameraOptions(source=a.camera, speed=a.speed, width=side,
+                                                        height=side * 3 // 4)), side)
             except Exception as e:  # noqa: BLE001 - no camera is not fatal: audio-only
                 print(f"camera unavailable ({e}); continuing audio-only (use --no-camera to silence this)")
         speech = not a.no_speech
@@ -125,6 +125,7 @@ def run_live(a: LiveArgs, *, status: StatusLine | None = None):
                            max_new_tokens=a.max_new_tokens, seed=a.seed, trace_path=a.trace)
         orch = Orchestrator(StreamingSession(omni), source, camera=cam, sink=sink, vad=make_vad(a.vad),
                             options=opts, on_status=status)
+        orch.governor = RealtimeGovernor(GovernorOptions(min_stride=prof.live_frame_stride))  # live_fps cap
         source = cam = sink = None  # owned (and closed) by the orchestrator from here on
         worker = threading.Thread(target=lambda: setattr(orch, "result", orch.run()), name="live-control")
         worker.start()
@@ -143,6 +144,24 @@ def run_live(a: LiveArgs, *, status: StatusLine | None = None):
         status.done()
     _print_summary(result)
     return result
+
+
+class _SizedCamera:
+    """A camera whose frames are at most `max_side` pixels on their longer side (the profile's
+    live_frame_max_side): devices may ignore the requested size and video files have their own."""
+
+    def __init__(self, camera, max_side: int):
+        self._camera, self.max_side = camera, max_side
+
+    def latest(self):
+        frame = self._camera.latest()
+        if frame is not None and max(frame.size) > self.max_side:
+            frame = frame.copy()
+            frame.thumbnail((self.max_side, self.max_side))
+        return frame
+
+    def __getattr__(self, name):  # lost, close, frames_read, ... of the wrapped camera
+        return getattr(self._camera, name)
 
 
 def _make_sink(a: LiveArgs, omni):

@@ -35,6 +35,7 @@ class OmniOptions:
     llm: llama.cpp settings (context, threads, KV type, flash attention).
     ort: onnxruntime settings shared by the vision, audio and TTS sessions.
     vision_variant, audio_variant, tts_variant: "fp32" or "int8" ONNX graphs.
+    max_slice_nums: image slices when a call does not pass its own (None = the official default, 9).
     """
 
     llm: LLMOptions = field(default_factory=LLMOptions)
@@ -42,6 +43,7 @@ class OmniOptions:
     vision_variant: str = "fp32"
     audio_variant: str = "fp32"
     tts_variant: str = "fp32"
+    max_slice_nums: int | None = None
 
 
 @dataclass
@@ -71,10 +73,30 @@ class Omni:
         self._audio = None
         self._tts = None
         self._lock = threading.RLock()
+        self.profile = None  # the edge.profiles.Profile it was loaded under (Omni.load with a profile)
 
     @classmethod
-    def load(cls, bundle: str | Path | Bundle, options: OmniOptions | None = None) -> "Omni":
-        return cls(bundle if isinstance(bundle, Bundle) else Bundle.load(bundle), options)
+    def load(cls, bundle: str | Path | Bundle, options: OmniOptions | None = None, *, profile=None,
+             hardware=None, check_memory: bool = True, **overrides) -> "Omni":
+        """Load a bundle. Without `profile` and field overrides: `options` as given (default OmniOptions()).
+        With `profile` ("auto", a profile name, or an `edge.profiles.Profile`) and/or profile-field keywords
+        (`n_ctx=2048, tts_variant="fp32"`, ...; they imply profile="auto"): the profile's settings, refused up front
+        with `InsufficientMemoryError` (saying what to change) when the estimate exceeds the available memory of
+        `hardware` (default: detected). Explicit `options` still take precedence over the profile."""
+        b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        if profile is None and not overrides:
+            return cls(b, options)
+        from edge.profiles import Hardware, check_memory as check, profile_for_run
+
+        hw = hardware or Hardware.detect()
+        prof = profile_for_run(profile or "auto", overrides.items(), hw=hw).for_bundle(b)
+        if options is not None:
+            prof = prof.matching(options)
+        if check_memory:
+            check(b, prof, hw)
+        omni = cls(b, options or prof.omni_options())
+        omni.profile = prof
+        return omni
 
     @property
     def random_weights(self) -> bool:
@@ -103,6 +125,8 @@ class Omni:
         from edge.image_preprocess import SliceOptions, preprocess_image
         from edge.io.images import load_image
 
+        if max_slice_nums is None:
+            max_slice_nums = self.options.max_slice_nums
         opts = SliceOptions(use_image_id=use_image_id,
                             **({"max_slice_nums": max_slice_nums} if max_slice_nums is not None else {}))
         return preprocess_image(load_image(image), opts, image_idx=image_idx)

@@ -37,6 +37,7 @@ from edge.server.errors import QueueFullError
 from edge.server.settings import ServerSettings
 
 _END = object()
+DEFAULT_N_CTX = 4096  # context when loaded without a device profile (the laptop profile's n_ctx)
 WARMUP_TOKENS = 2  # one prefill + a decode step: the first llama.cpp calls allocate buffers
 _WORD = re.compile(r"\S+\s*|\s+")  # how a fixed text is fed to the streaming TTS (word by word)
 
@@ -269,9 +270,17 @@ class Engine:
         from edge.onnx_session import OrtOptions
 
         bundle = resolve_bundle(settings.bundle, progress=progress)
-        opts = OmniOptions(llm=LLMOptions(n_ctx=settings.n_ctx, n_threads=settings.threads),
-                           ort=OrtOptions(intra_op_threads=settings.threads))
-        engine = cls(Omni.load(bundle, opts), settings)
+        if settings.profile is None and not settings.overrides:
+            opts = OmniOptions(llm=LLMOptions(n_ctx=settings.n_ctx or DEFAULT_N_CTX, n_threads=settings.threads),
+                               ort=OrtOptions(intra_op_threads=settings.threads))
+            omni = Omni.load(bundle, opts)
+        else:
+            from edge.profiles import start_profile
+
+            prof, hw = start_profile(bundle, settings.profile, settings.overrides, threads=settings.threads,
+                                     n_ctx=settings.n_ctx, echo=print if progress else None)
+            omni = Omni.load(bundle, profile=prof, hardware=hw)
+        engine = cls(omni, settings)
         engine.warmup()
         return engine
 

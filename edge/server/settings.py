@@ -69,12 +69,18 @@ class ServerSettings:
     prompt_cache: bool = field(default=True, metadata=_help(
         "keep the KV cache of the previous request and reuse its common prefix (off: every request prefills "
         "from scratch)"))
-    n_ctx: int = field(default=4096, metadata=_help("LLM context length in tokens"))
-    threads: int = field(default=0, metadata=_help("CPU threads for llama.cpp and onnxruntime (0 = all cores)"))
+    n_ctx: int | None = field(default=None, metadata=_help(
+        "LLM context length in tokens (default: the profile's n_ctx; 4096 without a profile)"))
+    threads: int = field(default=0, metadata=_help(
+        "CPU threads for llama.cpp and onnxruntime (0 = the profile's; all cores without a profile)"))
+    # Not flags of their own here: `edge.profiles.add_profile_arguments` adds --profile/--set (the CLI's default
+    # is "auto"). None keeps the pre-profile behaviour for Python callers: fp32 graphs, all cores, no memory check.
+    profile: str | None = field(default=None, metadata={"flag": False})
+    overrides: tuple = field(default=(), metadata={"flag": False})
 
     def __post_init__(self):
         for name in ("concurrency", "max_body_bytes", "max_image_pixels", "max_video_frames", "max_tokens", "n_ctx"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"server setting {name} must be >= 1, got {getattr(self, name)}.")
         if self.max_queue < 0 or self.max_audio_seconds <= 0:
             raise ValueError("max_queue must be >= 0 and max_audio_seconds > 0.")
@@ -90,7 +96,7 @@ class ServerSettings:
 def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     """One `--flag` per settings field (bools become on/off switches)."""
     for f in dataclasses.fields(ServerSettings):
-        if f.name in skip:
+        if f.name in skip or not f.metadata.get("flag", True):
             continue
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
@@ -105,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()
 
 def from_args(args: argparse.Namespace, **overrides) -> ServerSettings:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerSettings) if hasattr(args, f.name)}
+    if "overrides" in values:
+        values["overrides"] = tuple(values["overrides"])
     values.update(overrides)
     if not values.get("api_key"):
         values["api_key"] = os.environ.get(API_KEY_ENV) or None

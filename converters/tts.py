@@ -118,7 +118,8 @@ def _modules():
 
         Built for few graph nodes, because a 1-frame step is dominated by per-node overhead, not FLOPs: q/k/v are one
         Linear (and gate/up another), RoPE's rotate_half is a matmul with a fixed signed permutation `rot` (exact:
-        entries are 0 and +-1) applied to q and k together."""
+        entries are 0 and +-1) applied to q and k together, splits are Split nodes, reshapes have constant targets
+        and the score scale lives in the q weights."""
 
         def __init__(self, get, n_layers, n_heads, head_dim, heads):
             super().__init__()
@@ -138,37 +139,39 @@ def _modules():
                 m = nn.Module()
                 m.ln1 = RMSNorm(get(p + "input_layernorm.weight"))
                 m.ln2 = RMSNorm(get(p + "post_attention_layernorm.weight"))
-                m.qkv = lin(np.concatenate([get(f"{p}self_attn.{n}_proj.weight") for n in ("q", "k", "v")]))
+                q_scaled = get(p + "self_attn.q_proj.weight") * np.float32(head_dim ** -0.5)  # exact for 64 (2^-3)
+                m.qkv = lin(np.concatenate([q_scaled] + [get(f"{p}self_attn.{n}_proj.weight") for n in ("k", "v")]))
                 m.o = lin(get(p + "self_attn.o_proj.weight"))
                 m.gate_up = lin(np.concatenate([get(f"{p}mlp.{n}_proj.weight") for n in ("gate", "up")]))
+                self.ffn = m.gate_up.weight.shape[0] // 2
                 m.down = lin(get(p + "mlp.down_proj.weight"))
                 self.layers.append(m)
             self.norm = RMSNorm(get("tts.model.norm.weight"))
 
         def forward(self, inputs_embeds, position_ids, attention_mask, *past):
-            b, n = inputs_embeds.shape[0], inputs_embeds.shape[1]
-            nh, hd = self.n_heads, self.head_dim
+            # Batch is always 1 (one utterance per cache): constant reshape targets spare a Shape/Gather/Concat chain
+            # per reshape in the graph. The 1/sqrt(head_dim) score scale is folded into the q rows of `qkv`.
+            nh, hd, hidden = self.n_heads, self.head_dim, self.n_heads * self.head_dim
             freqs = position_ids.float().unsqueeze(-1) * self.inv_freq
-            emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # (b, n, 1, hd), broadcast over q and k heads
+            emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)  # (1, n, 1, hd), broadcast over q and k heads
             cos, sin = emb.cos(), emb.sin()
             x, new = inputs_embeds, []
-            scale = hd ** -0.5
             n_past = past[0].shape[2]  # one Shape node for all layers: every layer's cache has the same length
             for i, m in enumerate(self.layers):
-                qkv = m.qkv(m.ln1(x)).reshape(b, n, 3 * nh, hd)
-                qk, v = qkv[:, :, :2 * nh], qkv[:, :, 2 * nh:].transpose(1, 2)
+                qk, v = torch.split(m.qkv(m.ln1(x)).reshape(1, -1, 3 * nh, hd), [2 * nh, nh], dim=2)
                 qk = qk * cos + (qk @ self.rot) * sin
-                q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
+                q, k = (t.transpose(1, 2) for t in torch.split(qk, [nh, nh], dim=2))
+                v = v.transpose(1, 2)
                 pk, pv = past[2 * i], past[2 * i + 1]
-                s = torch.cat([q @ pk.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1) * scale + attention_mask
-                p = torch.softmax(s, dim=-1)
+                p = torch.softmax(torch.cat([q @ pk.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1)
+                                  + attention_mask, dim=-1)
                 o = p[..., :n_past] @ pv + p[..., n_past:] @ v
-                x = x + m.o(o.transpose(1, 2).reshape(b, n, nh * hd))
-                g, u = m.gate_up(m.ln2(x)).chunk(2, dim=-1)
+                x = x + m.o(o.transpose(1, 2).reshape(1, -1, hidden))
+                g, u = torch.split(m.gate_up(m.ln2(x)), [self.ffn, self.ffn], dim=-1)
                 x = x + m.down(torch.nn.functional.silu(g) * u)
                 new += [k, v]
             x = self.norm(x)
-            logits = self.heads(x[:, -1]).reshape(b, self.head_shape[0], self.head_shape[1])
+            logits = self.heads(x[:, -1]).reshape(1, self.head_shape[0], self.head_shape[1])
             return (x, logits, *new)
 
     class Projector(nn.Module):

@@ -29,10 +29,29 @@ Server -> client:
                     "timing": {"first_token_ms", "first_audio_ms", "total_ms"}}    (listening again)
   error            {"error": {"message", "type", "code", "param"}}: the socket stays open.
 
-A turn is answered turn by turn through the server's engine (queued fairly with HTTP requests): the units of a
-turn become one audio clip, or, when units carry frames, the official omni layout (frame, 1-s audio, frame, ...
-with omni_input, one unsliced image per frame). The last `MAX_HISTORY_TURNS` exchanges are kept as context.
-The omni streaming session (edge/streaming.py, KV kept between units) is meant to replace `_turn_job` later.
+Each socket has its own streaming session (edge/server/live_session.py over edge/streaming.py: the official
+streaming_prefill / streaming_generate rules, spec §4.2). Input is prefilled as it arrives, in arrival order: an
+input.audio unit as `["<unit>", frame, audio]` (`[audio]` without a frame, as the official web demo does; audio over
+1 s goes in as consecutive 1-s pieces), a still image or typed text as user content. So the LLM KV cache and the
+Whisper cache grow unit by unit, nothing is encoded twice, and input.commit only appends the generation prompt and
+streams the reply: a text delta per decoded token, speech from the TTS fed 3-token pieces while decoding.
+- Interruption: response.cancel, or a commit during a reply, stops it; the next input follows the official rule for
+  an interrupted reply (`<|tts_eos|><|im_end|>` + new user turn). So does a reply cut by max_tokens (officially
+  only a sampled terminator completes a reply). A reply cancelled before it started leaves the user's turn open:
+  later input continues it. Input sent during a reply waits and is prefilled after it.
+- The session's first message is the system prompt: `instructions` (default: the official omni prompt) and, with a
+  voice clip, the official cloning prompt (spec §3.3). Changing either rewrites that message and re-prefills the
+  conversation behind it from kept embeddings (only a new clip is encoded). session.reset starts a new streaming
+  session; input.clear takes the KV cache and the session flags back to where the open turn started.
+- Usage: prompt_tokens is everything the reply reads (the session's whole cache after the generation prompt);
+  image_tokens / audio_tokens count the media placeholders in it.
+
+Sharing the one model (edge/server/engine.py): prefills and replies take the LLM in FIFO order with HTTP requests,
+and a reply is a request (admission slot, queue, /health). llama.cpp holds one KV sequence, so any other job (an
+HTTP request, another socket) overwrites the session's cache; the session keeps a journal of what it wrote and
+rebuilds the cache from it before its next step (exact; no encoder runs, but an LLM prefill of the whole
+conversation). One live socket without HTTP traffic in between is the fast path; several sockets work, each switch
+between them costing a rebuild.
 """
 
 from __future__ import annotations
@@ -42,22 +61,26 @@ import base64
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge import keys
+from edge.orchestrator import DEFAULT_SYSTEM_PROMPT
 from edge.server import chat as chatlib
-from edge.server.engine import AudioDelta, Engine, Finished, Job, PromptReady, TextDelta
+from edge.server.engine import CLONE_PROMPT, AudioDelta, Engine, Finished, Job, PromptReady, TextDelta
 from edge.server.errors import APIError, bad_request, from_exception
+from edge.server.live_session import LiveSession
 from edge.server.media import AUDIO_RATE, MediaDecoder, decode_base64, decode_data_url
 from edge.server.settings import ServerSettings
+from edge.streaming import UNIT_MARKER, UNIT_SAMPLES
 
 UNIT_SECONDS = 1.0  # the official live mode feeds 1-s units (spec: streaming_prefill per second)
 MAX_UNIT_SECONDS = 2.0  # one input.audio message may carry up to this much
-MAX_HISTORY_TURNS = 4
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 POLICY_VIOLATION = 1008  # WebSocket close code for a refused key (RFC 6455)
+FRAME_PROMPT_KWARGS = {"omni_input": True, "max_slice_nums": 1, "use_image_id": False}  # streaming frame layout
 
 
 class SessionConfig(BaseModel):
@@ -71,24 +94,58 @@ class SessionConfig(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
 
 
+def opening_content(instructions: str | None, voice: np.ndarray | None) -> list:
+    """The session's first message (official get_sys_prompt layout, spec §3.3): the instructions (default: the
+    official omni prompt); with a reference clip, the cloning prompt around it (audio_assistant mode, the
+    instructions in front as the omni mode puts its prompt)."""
+    if voice is None:
+        return [instructions or DEFAULT_SYSTEM_PROMPT]
+    return [f"{instructions} {CLONE_PROMPT[0]}" if instructions else CLONE_PROMPT[0], voice, CLONE_PROMPT[1]]
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and np.array_equal(x, y))
+        or (isinstance(x, str) and x == y) for x, y in zip(a, b))
+
+
+@dataclass
+class _Turn:
+    """What the client sent since the last commit: the Job's description of the turn, and the acks' counts."""
+
+    content: list = field(default_factory=list)  # frame, audio (per unit), still images, texts, in arrival order
+    units: int = 0
+    samples: int = 0
+    frames: int = 0
+    images: int = 0
+    texts: int = 0
+
+
+@dataclass
+class _Response:
+    id: str
+    job: Job
+    t0: float
+    task: asyncio.Task | None = None  # None until the socket's op queue reaches it
+    done: bool = False
+
+
 class RealtimeSession:
     def __init__(self, ws, engine: Engine, settings: ServerSettings, decoder: MediaDecoder):
         self.ws, self.engine, self.s, self.decoder = ws, engine, settings, decoder
         self.config = SessionConfig(output_audio=engine.has_part(keys.PART_TTS), max_tokens=settings.max_tokens)
-        self.voice_msgs: list[dict] = []
-        self.history: list[tuple[dict, dict]] = []
-        self._clear_input()
-        self.response: asyncio.Task | None = None
+        self.voice: np.ndarray | None = None
+        self.opening = opening_content(None, None)
+        self.live = LiveSession(engine, self.opening)
+        self._announce_opening = True  # the next turn's Job lists the first message (it is (re)written in that turn)
+        self.turn = _Turn()
+        self.response: _Response | None = None
+        self._ops: asyncio.Queue = asyncio.Queue()  # model work of this socket, strictly in arrival order
+        self._worker: asyncio.Task | None = None
         self._send_lock = asyncio.Lock()
         self._closed = False
 
     # --- plumbing ----------------------------------------------------------------------------------------------------
-    def _clear_input(self) -> None:
-        self.units: list[np.ndarray] = []
-        self.frames: list = []  # one entry per unit: an image or None
-        self.images: list = []
-        self.texts: list[str] = []
-
     async def send(self, msg: dict) -> None:
         if self._closed:
             return
@@ -113,6 +170,18 @@ class RealtimeSession:
         given += [p[len(KEY_SUBPROTOCOL):] for p in offered if p.startswith(KEY_SUBPROTOCOL)]
         return any(key_matches(g, self.s.api_key) for g in given), chosen
 
+    def _enqueue(self, fn, *args) -> None:
+        """Queue model work (a LiveSession method, run in a thread) behind this socket's earlier work."""
+        self._ops.put_nowait(lambda: asyncio.to_thread(fn, *args))
+
+    async def _work(self) -> None:
+        while True:
+            op = await self._ops.get()
+            try:
+                await op()
+            except Exception as e:  # e.g. a unit that does not fit the context: reported, the session goes on
+                await self.send_error(e)
+
     # --- main loop ---------------------------------------------------------------------------------------------------
     async def run(self) -> None:
         ok, subprotocol = self._authorized()
@@ -127,6 +196,7 @@ class RealtimeSession:
                          "random_weights": bool(self.engine.omni.random_weights),
                          "audio": {"input_sample_rate": AUDIO_RATE, "output_sample_rate": self._out_rate(),
                                    "unit_seconds": UNIT_SECONDS, "format": "pcm16"}})
+        self._worker = asyncio.create_task(self._work())
         try:
             while not self._closed:
                 msg = await self.ws.receive()
@@ -144,7 +214,9 @@ class RealtimeSession:
                     await self.send_error(e)
         finally:
             self._closed = True
+            self.live.close()
             await self._cancel_response()
+            self._worker.cancel()
 
     @staticmethod
     def _out_rate() -> int:
@@ -184,119 +256,132 @@ class RealtimeSession:
                               "session.max_tokens")
         if cfg.output_audio and not self.engine.has_part(keys.PART_TTS):
             raise bad_request("this bundle has no TTS part; output_audio must be false.", "session.output_audio")
+        voice = self.voice
         if cfg.voice is not None:
-            self.voice_msgs = await asyncio.to_thread(chatlib.voice_messages, cfg.voice, self.decoder,
-                                                      "session.voice")
+            msgs = await asyncio.to_thread(chatlib.voice_messages, cfg.voice, self.decoder, "session.voice")
+            voice = msgs[0]["content"][1] if msgs else None
         self.config = self.config.model_copy(update=cfg.model_dump(exclude_unset=True))
+        self.voice = voice
+        opening = opening_content(self.config.instructions, voice)
+        if not _same(opening, self.opening):
+            self.opening = opening
+            self._announce_opening = True
+            self._enqueue(self.live.set_opening, opening)
         await self.send({"type": "session.updated", "session": self._session_info()})
 
     async def _input_audio(self, msg: dict) -> None:
         raw = decode_base64(str(msg.get("audio") or ""), "audio")
-        if len(raw) % 2:
-            raise bad_request("audio must be 16-bit PCM (an even number of bytes).", "audio")
+        if len(raw) % 2 or not raw:
+            raise bad_request("audio must be non-empty 16-bit PCM (an even number of bytes).", "audio")
         pcm = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
         if len(pcm) > MAX_UNIT_SECONDS * AUDIO_RATE:
             raise bad_request(f"one input.audio carries at most {MAX_UNIT_SECONDS:.0f} s "
                               f"({int(MAX_UNIT_SECONDS * AUDIO_RATE * 2)} bytes); send 1-s units.", "audio")
-        if (sum(map(len, self.units)) + len(pcm)) / AUDIO_RATE > self.s.max_audio_seconds:
+        t = self.turn
+        if (t.samples + len(pcm)) / AUDIO_RATE > self.s.max_audio_seconds:
             raise bad_request(f"the turn exceeds {self.s.max_audio_seconds:.0f} s of audio; commit earlier.", "audio")
         frame = await self._image(msg["image"], "image") if msg.get("image") else None
-        self.units.append(pcm)
-        self.frames.append(frame)
-        await self.send({"type": "input.received", "units": len(self.units),
-                         "audio_seconds": round(sum(map(len, self.units)) / AUDIO_RATE, 3),
-                         "frames": sum(f is not None for f in self.frames)})
+        pieces = [pcm[i:i + UNIT_SAMPLES] for i in range(0, len(pcm), UNIT_SAMPLES)]
+        self._prefill(([UNIT_MARKER, frame] if frame is not None else []) + pieces,
+                      ([frame] if frame is not None else []) + [pcm])
+        t.units, t.samples, t.frames = t.units + 1, t.samples + len(pcm), t.frames + (frame is not None)
+        await self.send({"type": "input.received", "units": t.units, "audio_seconds": round(t.samples / AUDIO_RATE, 3),
+                         "frames": t.frames})
+
+    def _prefill(self, content: list, described: list) -> None:
+        self.turn.content += described
+        self._enqueue(self.live.prefill, content)
 
     async def _image(self, data: str, param: str):
         raw = decode_data_url(data, param) if data.startswith("data:") else decode_base64(data, param)
         return await asyncio.to_thread(self.decoder.image, raw, param)
 
     async def _input_image(self, msg: dict) -> None:
-        self.images.append(await self._image(str(msg.get("image") or ""), "image"))
-        await self.send({"type": "input.received", "units": len(self.units), "images": len(self.images)})
+        image = await self._image(str(msg.get("image") or ""), "image")
+        self._prefill([image], [image])
+        self.turn.images += 1
+        await self.send({"type": "input.received", "units": self.turn.units, "images": self.turn.images})
 
     async def _input_text(self, msg: dict) -> None:
         text = msg.get("text")
         if not isinstance(text, str) or not text:
             raise bad_request("input.text needs a non-empty `text` string.", "text")
-        self.texts.append(text)
-        await self.send({"type": "input.received", "units": len(self.units), "texts": len(self.texts)})
+        self._prefill([text], [text])
+        self.turn.texts += 1
+        await self.send({"type": "input.received", "units": self.turn.units, "texts": self.turn.texts})
 
     async def _input_clear(self, msg: dict) -> None:
-        self._clear_input()
+        self.turn = _Turn()
+        self._enqueue(self.live.clear)
         await self.send({"type": "input.cleared"})
 
     async def _reset(self, msg: dict) -> None:
         await self._cancel_response()
-        self.history.clear()
-        self._clear_input()
+        self.turn = _Turn()
+        self._announce_opening = True
+        self._enqueue(self.live.reset)
         await self.send({"type": "session.reset"})
 
     async def _ping(self, msg: dict) -> None:
         await self.send({"type": "pong"})
 
     async def _cancel(self, msg: dict) -> None:
-        if self.response is None or self.response.done():
+        if self.response is None or self.response.done:
             raise bad_request("no reply is in progress.", None, "no_active_response")
         await self._cancel_response()
 
     async def _cancel_response(self) -> None:
-        task, self.response = self.response, None
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        resp, self.response = self.response, None
+        if resp is None or resp.done:
+            return
+        if resp.task is None:  # still queued behind this socket's earlier input: it never reaches the model
+            resp.done = True
+            await self._send_done(resp, "interrupted", "", {})
+            return
+        resp.task.cancel()
+        await asyncio.wait({resp.task})
 
     async def _commit(self, msg: dict) -> None:
-        if not (self.units or self.images or self.texts):
+        if not self.turn.content:
             raise bad_request("nothing to answer: send input.audio, input.image or input.text before input.commit.",
                               None, "empty_turn")
         await self._cancel_response()  # barge-in: a new turn interrupts the reply in progress
-        user, kwargs = self._user_turn()
-        self._clear_input()
-        rid = f"resp_{uuid.uuid4().hex[:16]}"
-        self.response = asyncio.create_task(self._respond(rid, user, kwargs))
+        resp = _Response(f"resp_{uuid.uuid4().hex[:16]}", self._turn_job(), time.perf_counter())
+        self.turn = _Turn()
+        self.response = resp
+        await self.send({"type": "response.created", "response_id": resp.id})
+        self._ops.put_nowait(lambda: self._run_response(resp))
 
     # --- a turn ------------------------------------------------------------------------------------------------------
-    def _user_turn(self) -> tuple[dict, dict]:
-        content: list = list(self.images)
-        kwargs: dict = {}
-        if any(f is not None for f in self.frames):
-            for frame, pcm in zip(self.frames, self.units):  # official omni layout: frame, then its second
-                content += ([frame] if frame is not None else []) + [pcm]
-            kwargs = {"omni_input": True, "max_slice_nums": 1, "use_image_id": False}
-        elif self.units:
-            content.append(np.concatenate(self.units))
-        content += self.texts
-        return {"role": "user", "content": content}, kwargs
-
-    def _turn_job(self, user: dict, kwargs: dict) -> Job:
+    def _turn_job(self) -> Job:
+        """The reply's job. Its messages describe the turn (the first message when this turn (re)wrote it, then the
+        user's input: frame and audio per unit in the official omni layout, still images, texts); the model already
+        holds them, `live` answers from there."""
         c = self.config
-        msgs: list[dict] = [{"role": "system", "content": c.instructions}] if c.instructions else []
+        msgs = [{"role": "user", "content": list(self.opening)}] if self._announce_opening else []
+        self._announce_opening = False
+        msgs.append({"role": "user", "content": list(self.turn.content)})
         speak = bool(c.output_audio)
-        msgs += self.voice_msgs if speak else []
-        for u, a in self.history:
-            msgs += [u, a]
-        msgs.append(user)
-        sampling = chatlib.sampling_options(c)
-        return Job(messages=msgs, prompt_kwargs=kwargs, sampling=sampling,
-                   max_new_tokens=c.max_tokens or self.s.max_tokens, speak=speak, stream_audio=speak,
-                   tts_seed=c.seed)
+        return Job(messages=msgs, prompt_kwargs=dict(FRAME_PROMPT_KWARGS) if self.turn.frames else {},
+                   sampling=chatlib.sampling_options(c), max_new_tokens=c.max_tokens or self.s.max_tokens,
+                   speak=speak, stream_audio=speak, tts_seed=c.seed, live=self.live.respond)
 
-    async def _respond(self, rid: str, user: dict, kwargs: dict) -> None:
-        t0 = time.perf_counter()
-        timing = {"first_token_ms": None, "first_audio_ms": None, "total_ms": None}
+    async def _run_response(self, resp: _Response) -> None:
+        if resp.done:  # cancelled while queued
+            return
+        resp.task = asyncio.create_task(self._respond(resp))
+        await asyncio.wait({resp.task})
+
+    async def _respond(self, resp: _Response) -> None:
+        timing = {"first_token_ms": None, "first_audio_ms": None}
         status, text, usage, seq = "completed", [], {}, 0
 
         def ms() -> float:
-            return round((time.perf_counter() - t0) * 1000.0, 1)
+            return round((time.perf_counter() - resp.t0) * 1000.0, 1)
 
-        await self.send({"type": "response.created", "response_id": rid})
         events = None
         try:
-            events = self.engine.run(self._turn_job(user, kwargs))
+            events = self.engine.run(resp.job)
             async for ev in events:
                 if isinstance(ev, PromptReady):
                     usage = {"prompt_tokens": ev.prompt_tokens, "audio_tokens": ev.audio_tokens,
@@ -304,10 +389,10 @@ class RealtimeSession:
                 elif isinstance(ev, TextDelta):
                     timing["first_token_ms"] = timing["first_token_ms"] or ms()
                     text.append(ev.text)
-                    await self.send({"type": "response.text.delta", "response_id": rid, "delta": ev.text})
+                    await self.send({"type": "response.text.delta", "response_id": resp.id, "delta": ev.text})
                 elif isinstance(ev, AudioDelta):
                     timing["first_audio_ms"] = timing["first_audio_ms"] or ms()
-                    await self.send({"type": "response.audio.delta", "response_id": rid, "seq": seq,
+                    await self.send({"type": "response.audio.delta", "response_id": resp.id, "seq": seq,
                                      "audio": base64.b64encode(chatlib.pcm16(ev.pcm)).decode()})
                     seq += 1
                 elif isinstance(ev, Finished):
@@ -321,9 +406,11 @@ class RealtimeSession:
         finally:
             if events is not None:
                 await events.aclose()
-        if status != "failed":
-            self.history.append((user, {"role": "assistant", "content": "".join(text)}))
-            del self.history[:-MAX_HISTORY_TURNS]
-        timing["total_ms"] = ms()
-        await self.send({"type": "response.done", "response_id": rid, "status": status, "text": "".join(text),
+        resp.done = True
+        await self._send_done(resp, status, "".join(text), usage, timing)
+
+    async def _send_done(self, resp: _Response, status: str, text: str, usage: dict, timing: dict | None = None):
+        timing = {"first_token_ms": None, "first_audio_ms": None, **(timing or {}),
+                  "total_ms": round((time.perf_counter() - resp.t0) * 1000.0, 1)}
+        await self.send({"type": "response.done", "response_id": resp.id, "status": status, "text": text,
                          "usage": usage, "timing": timing})

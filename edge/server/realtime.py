@@ -111,14 +111,28 @@ def _same(a: list, b: list) -> bool:
 
 @dataclass
 class _Turn:
-    """What the client sent since the last commit: the Job's description of the turn, and the acks' counts."""
+    """What the client sent since the last commit (for the acks and the reply Job's description of the turn)."""
 
-    content: list = field(default_factory=list)  # frame, audio (per unit), still images, texts, in arrival order
-    units: int = 0
-    samples: int = 0
-    frames: int = 0
-    images: int = 0
-    texts: int = 0
+    units: list = field(default_factory=list)  # (frame or None, audio) per input.audio
+    images: list = field(default_factory=list)
+    texts: list = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(len(a) for _, a in self.units)
+
+    @property
+    def frames(self) -> int:
+        return sum(f is not None for f, _ in self.units)
+
+    def content(self) -> list:
+        """The turn as one `chat` message: images, the units (official omni layout, frame then its second, when
+        they carry frames; else one clip), texts."""
+        if self.frames:
+            units = [x for f, a in self.units for x in ([f] if f is not None else []) + [a]]
+        else:
+            units = [np.concatenate([a for _, a in self.units])] if self.units else []
+        return self.images + units + self.texts
 
 
 @dataclass
@@ -282,15 +296,10 @@ class RealtimeSession:
             raise bad_request(f"the turn exceeds {self.s.max_audio_seconds:.0f} s of audio; commit earlier.", "audio")
         frame = await self._image(msg["image"], "image") if msg.get("image") else None
         pieces = [pcm[i:i + UNIT_SAMPLES] for i in range(0, len(pcm), UNIT_SAMPLES)]
-        self._prefill(([UNIT_MARKER, frame] if frame is not None else []) + pieces,
-                      ([frame] if frame is not None else []) + [pcm])
-        t.units, t.samples, t.frames = t.units + 1, t.samples + len(pcm), t.frames + (frame is not None)
-        await self.send({"type": "input.received", "units": t.units, "audio_seconds": round(t.samples / AUDIO_RATE, 3),
-                         "frames": t.frames})
-
-    def _prefill(self, content: list, described: list) -> None:
-        self.turn.content += described
-        self._enqueue(self.live.prefill, content)
+        self._enqueue(self.live.prefill, ([UNIT_MARKER, frame] if frame is not None else []) + pieces)
+        t.units.append((frame, pcm))
+        await self.send({"type": "input.received", "units": len(t.units),
+                         "audio_seconds": round(t.samples / AUDIO_RATE, 3), "frames": t.frames})
 
     async def _image(self, data: str, param: str):
         raw = decode_data_url(data, param) if data.startswith("data:") else decode_base64(data, param)
@@ -298,17 +307,17 @@ class RealtimeSession:
 
     async def _input_image(self, msg: dict) -> None:
         image = await self._image(str(msg.get("image") or ""), "image")
-        self._prefill([image], [image])
-        self.turn.images += 1
-        await self.send({"type": "input.received", "units": self.turn.units, "images": self.turn.images})
+        self._enqueue(self.live.prefill, [image])
+        self.turn.images.append(image)
+        await self.send({"type": "input.received", "units": len(self.turn.units), "images": len(self.turn.images)})
 
     async def _input_text(self, msg: dict) -> None:
         text = msg.get("text")
         if not isinstance(text, str) or not text:
             raise bad_request("input.text needs a non-empty `text` string.", "text")
-        self._prefill([text], [text])
-        self.turn.texts += 1
-        await self.send({"type": "input.received", "units": self.turn.units, "texts": self.turn.texts})
+        self._enqueue(self.live.prefill, [text])
+        self.turn.texts.append(text)
+        await self.send({"type": "input.received", "units": len(self.turn.units), "texts": len(self.turn.texts)})
 
     async def _input_clear(self, msg: dict) -> None:
         self.turn = _Turn()
@@ -342,7 +351,7 @@ class RealtimeSession:
         await asyncio.wait({resp.task})
 
     async def _commit(self, msg: dict) -> None:
-        if not self.turn.content:
+        if not (self.turn.units or self.turn.images or self.turn.texts):
             raise bad_request("nothing to answer: send input.audio, input.image or input.text before input.commit.",
                               None, "empty_turn")
         await self._cancel_response()  # barge-in: a new turn interrupts the reply in progress
@@ -355,12 +364,11 @@ class RealtimeSession:
     # --- a turn ------------------------------------------------------------------------------------------------------
     def _turn_job(self) -> Job:
         """The reply's job. Its messages describe the turn (the first message when this turn (re)wrote it, then the
-        user's input: frame and audio per unit in the official omni layout, still images, texts); the model already
-        holds them, `live` answers from there."""
+        user's input as `chat` would take it); the model already holds them, `live` answers from there."""
         c = self.config
         msgs = [{"role": "user", "content": list(self.opening)}] if self._announce_opening else []
         self._announce_opening = False
-        msgs.append({"role": "user", "content": list(self.turn.content)})
+        msgs.append({"role": "user", "content": self.turn.content()})
         speak = bool(c.output_audio)
         return Job(messages=msgs, prompt_kwargs=dict(FRAME_PROMPT_KWARGS) if self.turn.frames else {},
                    sampling=chatlib.sampling_options(c), max_new_tokens=c.max_tokens or self.s.max_tokens,

@@ -146,6 +146,20 @@ def official_audio_tokens(n_samples: int) -> int:
     return total
 
 
+def streamed_reply(omni, units, *, seed: int, max_new_tokens: int) -> str:
+    """What the realtime socket answers: a streaming session (official rules) opened with the default system
+    prompt, one prefill per 1-s unit, then the reply (tests/test_realtime.py checks the socket in depth)."""
+    from edge.orchestrator import DEFAULT_SYSTEM_PROMPT
+    from edge.sampling import SamplingOptions
+    from edge.streaming import StreamingSession
+
+    sess = StreamingSession(omni)
+    for content in [[DEFAULT_SYSTEM_PROMPT]] + [[u] for u in units]:
+        sess.streaming_prefill("ref", [{"role": "user", "content": content}])
+    events = sess.reply_tokens(sess.start_reply(), SamplingOptions(seed=seed), max_new_tokens=max_new_tokens)
+    return "".join(ev.text for ev in events)
+
+
 # --- basic endpoints -----------------------------------------------------------------------------------------------
 def test_models_and_health(server, golden_bundle):
     models = server.client().models.list()
@@ -520,8 +534,7 @@ def test_realtime_socket_turns_audio_and_interruption(server, ref, golden_dir):
         assert done["status"] == "completed" and done["text"] == text and audio
         assert [a["seq"] for a in audio] == list(range(len(audio)))
         q = (np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0)
-        assert text == ref.chat([{"role": "user", "content": [q]}], seed=6, max_new_tokens=10,
-                                use_tts_template=True)
+        assert text == streamed_reply(ref, [q[:16000], q[16000:]], seed=6, max_new_tokens=10)
         assert done["usage"]["audio_tokens"] == official_audio_tokens(len(q))
         # a turn with a camera frame per unit, interrupted as soon as it starts (barge-in)
         ws.send(json.dumps({"type": "session.update", "session": {"max_tokens": MAX_TOKENS}}))

@@ -27,6 +27,7 @@ N_CTX = 4096
 LONG = 3000  # max_tokens of a reply that the test interrupts
 QUERY_NUM = 64  # golden config.json query_num: image tokens of one unsliced frame
 RATE = 16000
+CLIP_SAMPLES = 24000  # a 1.5-s reference voice
 REPLY = "\x00{}\x00"  # marks reply k in the expected prompt text (the reply's token ids go there)
 
 
@@ -127,6 +128,16 @@ def _expected_ids(omni, events: list, replies: list) -> list[int]:
                 plain += c
         ids += omni.llm.tokenize(plain) if plain else []
     return ids
+
+
+def _wav_data_url(wave: np.ndarray) -> str:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, wave, RATE, format="WAV", subtype="PCM_16")
+    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _cache_ids(omni) -> list[int]:
@@ -322,7 +333,7 @@ def test_http_request_and_second_socket_in_between(client, engine, sessions, fra
 def test_clear_instructions_reset_and_cancel_before_start(client, engine, sessions, frame):
     """input.clear rewinds the open turn; new instructions rewrite the first message with the conversation
     re-prefilled behind it (the reply equals a fresh session's); a reply cancelled while the model is busy ends at
-    once and leaves the turn open; session.reset starts over."""
+    once and leaves the turn open; session.reset starts over, with a cloned voice in the official cloning prompt."""
     from edge.sampling import SamplingOptions
     from edge.streaming import StreamingSession, finish_generate
 
@@ -359,6 +370,10 @@ def test_clear_instructions_reset_and_cancel_before_start(client, engine, sessio
             ws.send(type="response.cancel")
             done = ws.recv()
             assert (done["type"], done["response_id"], done["status"]) == ("response.done", rid, "interrupted")
+        ws.send(type="input.text", text="lorem ipsum dolor " * 2000)  # more than the context: an error, no change
+        assert ws.recv()["type"] == "input.received"
+        err = ws.recv()["error"]
+        assert err["code"] == "context_length_exceeded" and "session.reset" in err["message"], err
         ws.unit(w[4])
         ws.commit()
         r2 = _replies(live)[2]
@@ -366,15 +381,24 @@ def test_clear_instructions_reset_and_cancel_before_start(client, engine, sessio
         assert _cache_ids(engine.omni) == _expected_ids(engine.omni, ev, [r0, r1, r2])
         assert live.rebuilds == 1  # after the model was held by someone else
 
+        # a new session, with a cloned voice: the official cloning prompt opens it, the clip encoded once, whole
         ws.send(type="session.reset")
         assert ws.recv()["type"] == "session.reset"
+        ws.update(voice=_wav_data_url(np.concatenate(w[:2])[:CLIP_SAMPLES]))
         ws.send(type="input.text", text="fresh start")
         ws.recv()
         done, _, _ = ws.commit()
-        assert done["usage"]["audio_tokens"] == done["usage"]["image_tokens"] == 0
-        ev = [("prefill", "t", "user", brief), ("prefill", "t", "user", "fresh start"),
+        clip = _audio_tokens(CLIP_SAMPLES)
+        assert (done["usage"]["audio_tokens"], done["usage"]["image_tokens"]) == (clip, 0)
+        per_second = _audio_tokens(RATE)  # the clip's placeholder: one start/end pair per second (spec §2.3)
+        clip_ph = "".join("<|audio_start|>" + "<unk>" * k + "<|audio_end|>"
+                          for k in [per_second] * (clip // per_second) + [clip % per_second] if k)
+        opening = f"{brief} Clone the voice in the provided audio prompt.{clip_ph}As an assistant, you will speak " \
+                  "using this voice style."
+        ev = [("prefill", "t", "user", opening), ("prefill", "t", "user", "fresh start"),
               ("generate", REPLY.format(0), False)]
         assert _cache_ids(engine.omni) == _expected_ids(engine.omni, ev, _replies(live)[-1:])
+        assert live.stream.encoder_calls == {"image": 1, "audio_step": 5, "audio_whole": 1}
 
     # the rewritten session's second reply equals a fresh session's with the same first reply
     sess = StreamingSession(engine.omni)

@@ -92,6 +92,14 @@ class KVJournal:
             pos += len(seg)
         return out
 
+    def snapshot(self) -> tuple[list, int]:
+        return [s if isinstance(s, np.ndarray) else list(s) for s in self.segments], self.length
+
+    def restore(self, snapshot: tuple[list, int]) -> None:
+        """Go back to a snapshot; the cache no longer matches, so the next step rebuilds it."""
+        self.segments, self.length = snapshot
+        self._broken = True
+
     def embedding_rows(self) -> int:
         return sum(len(s) for s in self.segments if isinstance(s, np.ndarray))
 
@@ -201,6 +209,11 @@ class LiveSession:
             self.journal.rebuild()
             self.rebuilds += 1
 
+    def _context_full(self, e: ContextLengthExceededError) -> ContextLengthExceededError:
+        return ContextLengthExceededError(e.n_tokens, e.n_ctx, f"the conversation would need {e.n_tokens} tokens "
+                                          f"but the context holds {e.n_ctx}: send session.reset to start a new one "
+                                          "(or load the model with a larger n_ctx).")
+
     def _prefill(self, content: list, kind: str, session_id: str) -> Entry:
         from edge.audio_encoder import chunk_token_counts
 
@@ -216,11 +229,17 @@ class LiveSession:
         sid = next(self._ids)
         old = self.entries[0].n if self._opened else 0
         tail, rest, rules = self.journal.tail(old), self.entries[1:], self.stream.rules
-        self.journal.reset()
-        first = self._prefill(self.opening, "open", sid)  # a new session id: resets the cache and the Whisper cache
-        if tail:
-            self.journal.prefill(tail, reuse=False)
-            self.stream.rules = dataclasses.replace(rules, session_id=sid)
+        before = self.journal.snapshot()
+        try:
+            self.journal.reset()
+            first = self._prefill(self.opening, "open", sid)  # a new session id: resets the cache and Whisper cache
+            if tail:
+                self.journal.prefill(tail, reuse=False)
+                self.stream.rules = dataclasses.replace(rules, session_id=sid)
+        except BaseException:  # e.g. the new first message does not fit: keep the session as it was
+            self.journal.restore(before)
+            self.stream.rules = rules
+            raise
         self.entries = [first] + rest
         self.session_id, self._opened = sid, True
 
@@ -233,12 +252,13 @@ class LiveSession:
             self._ready(resident)
             if not self._opened:
                 self._open()
-            if self._turn is None:
-                self._turn = _Mark(len(self.entries), self.stream.rules)
-            entry = self._prefill(content, "input", self.session_id)
+            mark = self._turn or _Mark(len(self.entries), self.stream.rules)
+            try:
+                entry = self._prefill(content, "input", self.session_id)
+            except ContextLengthExceededError as e:
+                raise self._context_full(e) from e
             self.entries.append(entry)
-            if "audio" in entry.items:
-                self._turn = dataclasses.replace(self._turn, audio=True)
+            self._turn = dataclasses.replace(mark, audio=mark.audio or "audio" in entry.items)
 
     def set_opening(self, opening: list) -> None:
         """New instructions or voice: rewrite the first message (now if the session has started)."""
@@ -291,9 +311,7 @@ class LiveSession:
             try:
                 reply = self.stream.start_reply(want_speaker=job.speak)
             except ContextLengthExceededError as e:
-                raise ContextLengthExceededError(e.n_tokens, e.n_ctx, f"the conversation fills the context "
-                                                 f"({start} of {e.n_ctx} tokens): send session.reset to start a "
-                                                 "new one.") from e
+                raise self._context_full(e) from e
             emit(PromptReady(llm.length, *self.media_tokens()))
             room = llm.n_ctx - llm.length
             events = self.stream.reply_tokens(reply, job.sampling, max_new_tokens=min(job.max_new_tokens or room, room),

@@ -74,9 +74,8 @@ from edge.server.errors import APIError, bad_request, from_exception
 from edge.server.live_session import LiveSession
 from edge.server.media import AUDIO_RATE, MediaDecoder, decode_base64, decode_data_url
 from edge.server.settings import ServerSettings
-from edge.streaming import UNIT_MARKER, UNIT_SAMPLES
+from edge.streaming import UNIT_MARKER, UNIT_SAMPLES, UNIT_SECONDS
 
-UNIT_SECONDS = 1.0  # the official live mode feeds 1-s units (spec: streaming_prefill per second)
 MAX_UNIT_SECONDS = 2.0  # one input.audio message may carry up to this much
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 POLICY_VIOLATION = 1008  # WebSocket close code for a refused key (RFC 6455)

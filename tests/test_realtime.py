@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import threading
 import time
 
 import numpy as np
@@ -276,6 +277,8 @@ def test_scripted_session_barge_in_and_official_rules(client, engine, sessions, 
         u = done5["usage"]
         assert (u["image_tokens"], u["audio_tokens"]) == (2 * QUERY_NUM, 5 * _audio_tokens(RATE))
         assert u["prompt_tokens"] + u["completion_tokens"] == engine.omni.llm.n_past
+
+    _wait(lambda: not [t for t in threading.enumerate() if t.name.startswith("edge-live")])  # none left behind
 
     # the first reply, replayed on a plain streaming session with the same inputs and seeds
     sess = StreamingSession(engine.omni)

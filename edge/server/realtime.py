@@ -61,6 +61,7 @@ import base64
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,6 +155,8 @@ class RealtimeSession:
         self.turn = _Turn()
         self.response: _Response | None = None
         self._ops: asyncio.Queue = asyncio.Queue()  # model work of this socket, strictly in arrival order
+        # its own thread: a step may wait long for the model (FIFO behind requests), never in the shared pool
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-live")
         self._worker: asyncio.Task | None = None
         self._send_lock = asyncio.Lock()
         self._closed = False
@@ -184,8 +187,8 @@ class RealtimeSession:
         return any(key_matches(g, self.s.api_key) for g in given), chosen
 
     def _enqueue(self, fn, *args) -> None:
-        """Queue model work (a LiveSession method, run in a thread) behind this socket's earlier work."""
-        self._ops.put_nowait(lambda: asyncio.to_thread(fn, *args))
+        """Queue model work (a LiveSession method, run in the socket's thread) behind its earlier work."""
+        self._ops.put_nowait(lambda: asyncio.get_running_loop().run_in_executor(self._thread, fn, *args))
 
     async def _work(self) -> None:
         while True:
@@ -230,6 +233,7 @@ class RealtimeSession:
             self.live.close()
             await self._cancel_response()
             self._worker.cancel()
+            self._thread.shutdown(wait=False, cancel_futures=True)  # a step in progress returns once it has the model
 
     @staticmethod
     def _out_rate() -> int:

@@ -137,6 +137,8 @@ class _Turn:
 
 @dataclass
 class _Response:
+    """A committed turn's reply: queued behind the socket's earlier input, then streaming (task), then done."""
+
     id: str
     job: Job
     t0: float
@@ -145,6 +147,8 @@ class _Response:
 
 
 class RealtimeSession:
+    """One socket: the protocol above; the model work goes to `self.live` through an in-order queue."""
+
     def __init__(self, ws, engine: Engine, settings: ServerSettings, decoder: MediaDecoder):
         self.ws, self.engine, self.s, self.decoder = ws, engine, settings, decoder
         self.config = SessionConfig(output_audio=engine.has_part(keys.PART_TTS), max_tokens=settings.max_tokens)

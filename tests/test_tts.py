@@ -3,6 +3,8 @@ reference (transformers LlamaModel with the official streaming masks), streaming
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import math
 
@@ -230,10 +232,25 @@ def test_overlap_add_matches_official(rng=np.random.default_rng(3)):
         np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=1e-5)
 
 
+def _stream(tts, pieces, spk, *, early: bool, states=None, on_chunk=None):
+    keep = tts.options
+    tts.options = dataclasses.replace(keep, early_audio=early)
+    try:
+        out = []
+        for c in tts.stream(pieces, spk, states=states):
+            if on_chunk is not None:
+                on_chunk()
+            out.append(c)
+        return out
+    finally:
+        tts.options = keep
+
+
 def test_streaming_vs_one_shot(tts, golden_ref):
     text = "Hello world, this is a test. " * 4
     states = []
-    chunks = list(tts.stream([w + " " for w in text.split()], golden_ref["tts_spk_emb"], states=states))
+    pieces = [w + " " for w in text.split()]
+    chunks = _stream(tts, pieces, golden_ref["tts_spk_emb"], early=False, states=states)
     assert len(states) == 1
     st = states[0]
     codes = np.stack(st.codes)
@@ -261,6 +278,26 @@ def test_streaming_vs_one_shot(tts, golden_ref):
           f"vs max sample jump of the one-shot wave {max_jump:.4f}")
     assert cos >= 0.99
     assert jumps.max() <= max_jump
+
+    # early audio: the same waveform, but the first chunk comes out after the first generate call, not the second
+    calls = []
+    generate = tts.generate
+
+    def counting_generate(*a, **k):
+        calls.append(1)
+        return generate(*a, **k)
+
+    tts.generate = counting_generate
+    calls_at_chunk = []
+    try:
+        early = _stream(tts, pieces, golden_ref["tts_spk_emb"], early=True,
+                        on_chunk=lambda: calls_at_chunk.append(len(calls)))
+    finally:
+        del tts.generate
+    assert calls_at_chunk[0] == 1 and len(early) == len(chunks) + 1
+    np.testing.assert_allclose(np.concatenate(early), streamed, rtol=0, atol=1e-6 * np.abs(streamed).max())
+    hop = chunks[0].shape[0] - 2048
+    np.testing.assert_array_equal(early[0], wavs[0][:hop])  # the part the overlap-add never touches, as decoded
 
 
 def test_stream_and_synthesize_share_first_call(tts, golden_ref):

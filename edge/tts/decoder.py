@@ -75,25 +75,45 @@ def overlap_add2(prev: np.ndarray, cur: np.ndarray, overlap: int) -> tuple[np.nd
 
 
 class WavStreamJoiner:
-    """Holds the first chunk back and overlap-adds each new chunk into the previous one (official streaming)."""
+    """Overlap-adds each new chunk into the previous one (official streaming).
 
-    def __init__(self, overlap: int):
+    Official mode (`early=False`) holds each chunk back until the next one arrives, so the first audio waits for two
+    TTS calls (spec §7, pain point 3). Only the last `overlap` samples of a held chunk are ever blended with the
+    next one; everything before them is final as soon as the chunk is decoded. `early=True` emits that part at
+    once and the blended tail later: the concatenated stream is the official one (samples differ by float32
+    rounding of `w * x / w`), and the first audio comes after the first call."""
+
+    def __init__(self, overlap: int, *, early: bool = False):
         self.overlap = overlap
+        self.early = early
         self._prev: np.ndarray | None = None
+        self._sent = 0  # samples of _prev already emitted (early mode)
+
+    def _emit_final_part(self) -> np.ndarray:
+        if not self.early:
+            return np.zeros(0, np.float32)
+        final = max(self._prev.shape[0] - self.overlap, 0)
+        self._sent = final
+        return self._prev[:final]
 
     def push(self, wav: np.ndarray) -> np.ndarray | None:
         """Feed one decoded chunk (its first `overlap` samples re-decode the previous chunk's tail); returns the
-        audio that is final now, or None for the first chunk."""
+        audio that is final now, or None when there is none yet (the first chunk in official mode)."""
         if self._prev is None:
             self._prev = wav
-            return None
+            out = self._emit_final_part()
+            return out if out.size else None
         done, self._prev = overlap_add2(self._prev, wav, self.overlap)
-        return done
+        done = done[self._sent:]
+        self._sent = 0
+        return np.concatenate([done, self._emit_final_part()])
 
     def flush(self) -> np.ndarray | None:
         """The held-back tail, unsmoothed (as the official last yield)."""
-        out, self._prev = self._prev, None
-        return out
+        if self._prev is None:
+            return None
+        out, self._prev, self._sent = self._prev[self._sent:], None, 0
+        return out if out.size else None
 
 
 class TtsDecoder:

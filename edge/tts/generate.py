@@ -3,7 +3,8 @@
 `TTS.stream(pieces, spk_hidden)` is `_generate_mel_spec_audio_streaming`: LLM text pieces arrive, are normalised
 (numbers, "*") and re-tokenised into the 300-slot window; each time 10 more text tokens exist, that chunk is
 prefilled and up to 25 code frames are generated; the new frames (+4 frames of left context) go through DVAE + Vocos
-and are overlap-added (2048 samples) into the previous chunk, the first chunk being held back. When the text ends,
+and are overlap-added (2048 samples) into the previous chunk; the part of a chunk that the next one cannot change
+is yielded at once (`TTSOptions.early_audio`; the official loop holds the whole chunk back). When the text ends,
 the rest of the text + `[Etts]` is prefilled and 25-frame calls continue until EOS or 2048 frames.
 Long replies roll over as official: once the text has >= 120 tokens and a piece holds a sentence end, the text is
 cut after it, the segment is finished, and a new segment starts from a fresh cache that re-prefills
@@ -64,6 +65,9 @@ class TTSOptions:
     overlap_samples: overlap-add length between streamed chunks (official 2048 = 4 frames).
     max_codes: stop after this many frames without EOS (official 2048).
     number_style: how digits are spoken in streaming mode (official: digit by digit).
+    early_audio: emit the final part of each streamed chunk at once instead of holding the chunk until the next
+        one (WavStreamJoiner): the same waveform, but the first audio comes one TTS call (10 text tokens + 25
+        frames) sooner. False = the official hold-back.
     """
 
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
@@ -72,6 +76,7 @@ class TTSOptions:
     overlap_samples: int = OVERLAP_SAMPLES
     max_codes: int = MAX_CODES
     number_style: NumberStyle = NumberStyle.DIGITS
+    early_audio: bool = True
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,7 @@ class TTS:
                  carry: _Carry | None):
         """One official `_generate_mel_spec_audio_streaming` call; returns the roll-over carry or None."""
         o, d = self.options, self.dims
-        joiner = WavStreamJoiner(o.overlap_samples)
+        joiner = WavStreamJoiner(o.overlap_samples, early=o.early_audio)
         gen_text, lang, chunk_idx, decoded, n, ids = "", "english", 0, 0, 0, None
         if carry is not None:  # re-prefill the last text ids and audio frames of the previous segment
             start = np.asarray(self.tokenizer.encode(STTS + SPK_EMB * d.num_spk_embs), dtype=np.int64)

@@ -8,7 +8,12 @@ generated + DVAE/Vocos decode) is timed separately on the same bundle. The micro
 real time, the camera a video file, the speaker a real-time paced WAV sink; barge-in is off so every reply is
 complete. Writes JSON (+ a PNG timeline if matplotlib is installed) to bench/results/.
 
-    python -m bench.e2e --bundle PATH [--max-new-tokens 48] [--threads LLM,ORT]
+Random weights sample ids that mostly decode to no text with the synthetic tokenizer (652 real ids in a 151700-row
+vocabulary), so the TTS would get nothing to say until the reply ends. The bench therefore replaces each sampled id
+by the next id of a fixed English reply (`REPLY`): every token still costs one full decode step, and the TTS gets
+the text a real reply would give it.
+
+    python -m bench.e2e --bundle PATH [--max-new-tokens 48] [--threads LLM,ORT] [--variant int8|fp32]
 """
 
 from __future__ import annotations
@@ -25,6 +30,21 @@ from bench.common import RESULTS, machine, versions
 
 SR = 16000
 MAX_CODES = 200  # TTS code frames per reply (~4.3 s of speech)
+TURN_GAP_S = 20.0  # silence after each user utterance: room for a 2-core reply before the next turn
+REPLY = ("Sure. I can see a yellow ball that moves from the left to the right over a grey background, and I hear "
+         "your question clearly. It is a simple scene, but it is a good test for a small computer.")
+
+
+class _ScriptedSampler:
+    """Stands in for edge.sampling.Sampler: ignores the logits and returns the next id of the scripted reply."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.i = ids, 0
+
+    def __call__(self, logits, context_ids=None) -> int:
+        tok = self.ids[self.i % len(self.ids)]
+        self.i += 1
+        return tok
 
 
 def _script() -> np.ndarray:
@@ -32,7 +52,7 @@ def _script() -> np.ndarray:
 
     q = demo_question()
     parts = [np.zeros(int(0.5 * SR))]
-    for seconds, gap in ((2.0, 6.0), (1.5, 6.0), (1.8, 6.0)):
+    for seconds, gap in ((2.0, TURN_GAP_S), (1.5, TURN_GAP_S), (1.8, TURN_GAP_S)):
         parts += [np.resize(q, int(seconds * SR)), np.zeros(int(gap * SR))]
     return np.concatenate(parts).astype(np.float32)
 
@@ -67,7 +87,8 @@ def tts_chunk_seconds(tts, spk: np.ndarray, repeats: int = 3) -> float:
     return best
 
 
-def run(bundle_path: str, *, overlap: bool, max_new_tokens: int, threads, tmp: Path, seed: int) -> dict:
+def run(bundle_path: str, *, overlap: bool, max_new_tokens: int, threads, tmp: Path, seed: int,
+        variant: str = "int8") -> dict:
     from edge.bundle import Bundle
     from edge.io.camera import Camera, CameraOptions
     from edge.io.microphone import EnergyVad, FileMicrophone
@@ -82,16 +103,27 @@ def run(bundle_path: str, *, overlap: bool, max_new_tokens: int, threads, tmp: P
     ort = OrtOptions(intra_op_threads=threads.ort_threads, allow_spinning=False)
     bundle = Bundle.load(bundle_path)
     omni = Omni.load(bundle, OmniOptions(llm=LLMOptions(n_ctx=8192, n_threads=threads.llm_threads,
-                                                        n_threads_batch=threads.llm_threads), ort=ort))
+                                                        n_threads_batch=threads.llm_threads), ort=ort,
+                                         vision_variant=variant, audio_variant=variant, tts_variant=variant))
     # random-weight TTS rarely says EOS: cap a reply's speech (~4 s) so every reply fits the scripted pauses
-    tts = TTS(bundle, ort=ort, options=TTSOptions(max_codes=MAX_CODES))
+    tts = TTS(bundle, variant=variant, ort=ort, options=TTSOptions(max_codes=MAX_CODES))
+    import edge.llm
+
+    reply_ids = omni.llm.tokenize(REPLY)
+    real_sampler, edge.llm.Sampler = edge.llm.Sampler, lambda options: _ScriptedSampler(reply_ids)
     audio = _script()
+    status: list[tuple[float, str]] = []  # the live status line over time: what the pipeline was doing
+    t_start = time.perf_counter()
     orch = Orchestrator(StreamingSession(omni, tts=tts), FileMicrophone(audio),
                         camera=Camera(CameraOptions(str(_video(tmp / "cam.avi", audio.size / SR + 5)))),
                         sink=PacedSink(WavSink(), tts.sample_rate), vad=EnergyVad(), tts=tts,
                         options=LiveOptions(max_new_tokens=max_new_tokens, seed=seed, barge_in=False,
-                                            overlap=overlap))
-    res = orch.run()
+                                            overlap=overlap),
+                        on_status=lambda text: status.append((round(time.perf_counter() - t_start, 3), text)))
+    try:
+        res = orch.run()
+    finally:
+        edge.llm.Sampler = real_sampler
     spk = np.random.default_rng(0).standard_normal(omni.llm.n_embd).astype(np.float32)
     chunk = tts_chunk_seconds(tts, spk)
     turns = []
@@ -107,7 +139,8 @@ def run(bundle_path: str, *, overlap: bool, max_new_tokens: int, threads, tmp: P
                       "abs": {k: getattr(t, k) for k in ("speech_end", "prefill_done", "first_token", "first_audio",
                                                          "decode_end", "end")}})
     omni.close()
-    return {"overlap": overlap, "tts_chunk_s": round(chunk, 4), "turns": turns, "errors": res.errors,
+    return {"overlap": overlap, "tts_chunk_s": round(chunk, 4), "reply_text": REPLY, "turns": turns,
+            "errors": res.errors, "status_log": status,
             "end_reason": res.end_reason}
 
 
@@ -152,13 +185,15 @@ def main(argv=None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--threads", help="LLM,ORT threads (default: ThreadSplit.for_cores())")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", choices=("int8", "fp32"), default="int8",
+                   help="ONNX graphs of vision, audio and TTS (what every device profile uses: int8)")
     a = p.parse_args(argv)
     split = ThreadSplit(*map(int, a.threads.split(","))) if a.threads else ThreadSplit.for_cores()
     runs = []
     with tempfile.TemporaryDirectory() as d:
         for overlap in (True, False):
             runs.append(run(a.bundle, overlap=overlap, max_new_tokens=a.max_new_tokens, threads=split,
-                            tmp=Path(d), seed=a.seed))
+                            tmp=Path(d), seed=a.seed, variant=a.variant))
     summary = {}
     for r in runs:
         key = "overlap_on" if r["overlap"] else "overlap_off"
@@ -169,7 +204,7 @@ def main(argv=None) -> dict:
     on, off = summary.get("overlap_on", {}), summary.get("overlap_off", {})
     if on.get("first_audio_median_s") and off.get("first_audio_median_s"):
         summary["first_audio_gain_x"] = round(off["first_audio_median_s"] / on["first_audio_median_s"], 2)
-    result = {"bench": "e2e", "bundle": str(a.bundle), "threads": vars(split), "machine": machine(),
+    result = {"bench": "e2e", "bundle": str(a.bundle), "variant": a.variant, "threads": vars(split), "machine": machine(),
               "versions": versions("onnxruntime", "llama_cpp_python", "numpy"), "runs": runs, "summary": summary}
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -476,6 +476,13 @@ class Orchestrator:
         return LiveResult(self.traces, self.errors, self.log, end_reason)
 
     def _open_session(self) -> None:
+        self.session.load_encoders(vision=self.camera is not None, speech=False)
+        if self.speech_on:
+            try:
+                self.session.load_encoders(vision=False, speech=True)
+            except Exception as e:  # noqa: BLE001 - no TTS is not fatal: replies go on as text
+                self.speech_on = False
+                self.fault(f"speech synthesis failed ({e}); continuing with text-only replies", fatal=False)
         content: list = [self.options.system_prompt]
         if self.options.voice is not None:
             content.append(np.asarray(self.options.voice, np.float32))

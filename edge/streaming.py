@@ -238,6 +238,16 @@ class StreamingSession:
             self._audio_stream = self.omni.audio.stream()
         return self._audio_stream
 
+    def load_encoders(self, *, vision: bool = True, speech: bool = True) -> None:
+        """Create the ONNX sessions now rather than at first use: loading the full-size vision graph takes seconds,
+        which the first 1-s unit of a live conversation would otherwise pay (measured: 38 s for the fp32 graph
+        on 2 busy cores, bench/results/e2e-full-q4_k_m-20261128T085814Z.json)."""
+        _ = self.audio_stream
+        if vision:
+            _ = self.omni.vision
+        if speech:
+            _ = self.tts
+
     # --- prefill ---------------------------------------------------------------------------------------------
     def streaming_prefill(self, session_id, msgs: Sequence[dict], *, max_slice_nums: int | None = None) -> PrefillReport:
         """Append one message (`msgs` holds exactly one, as officially) to the session's KV cache."""

@@ -30,7 +30,7 @@ from bench.common import RESULTS, machine, versions
 
 SR = 16000
 MAX_CODES = 200  # TTS code frames per reply (~4.3 s of speech)
-TURN_GAP_S = 20.0  # silence after each user utterance: room for a 2-core reply before the next turn
+TURN_GAP_S = 30.0  # silence after each user utterance: room for a 2-core reply before the next turn
 REPLY = ("Sure. I can see a yellow ball that moves from the left to the right over a grey background, and I hear "
          "your question clearly. It is a simple scene, but it is a good test for a small computer.")
 
@@ -102,8 +102,10 @@ def run(bundle_path: str, *, overlap: bool, max_new_tokens: int, threads, tmp: P
 
     ort = OrtOptions(intra_op_threads=threads.ort_threads, allow_spinning=False)
     bundle = Bundle.load(bundle_path)
+    # prefill (units, generation prompt) never overlaps the TTS: it gets every core, as Profile.for_live does
     omni = Omni.load(bundle, OmniOptions(llm=LLMOptions(n_ctx=8192, n_threads=threads.llm_threads,
-                                                        n_threads_batch=threads.llm_threads), ort=ort,
+                                                        n_threads_batch=threads.llm_threads + threads.ort_threads),
+                                         ort=ort,
                                          vision_variant=variant, audio_variant=variant, tts_variant=variant))
     # random-weight TTS rarely says EOS: cap a reply's speech (~4 s) so every reply fits the scripted pauses
     tts = TTS(bundle, variant=variant, ort=ort, options=TTSOptions(max_codes=MAX_CODES))

@@ -169,6 +169,12 @@ def test_live_mode_splits_threads_and_keeps_what_the_user_set():
     assert (mine.llm_threads, mine.ort_threads, mine.n_ctx) == (1, 3, 1024)
     pi = resolve_profile("pi5", PI5).for_live()
     assert (pi.llm_threads, pi.ort_threads, pi.n_ctx, pi.live_frame_stride) == (2, 2, 4096, 2)
+    # prefill never overlaps the TTS: it gets the whole machine, decode keeps its share
+    assert (live.llm_batch_threads, mine.llm_batch_threads, pi.llm_batch_threads) == (8, 4, 4)
+    opts = live.llm_options()
+    assert (opts.n_threads, opts.n_threads_batch) == (5, 8)
+    assert laptop.llm_options().n_threads_batch == laptop.llm_threads  # outside live mode: one count
+    assert laptop.with_overrides(llm_batch_threads=2).for_live().llm_batch_threads == 2
 
 
 def test_describe_names_the_profile_device_and_key_fields():

@@ -59,7 +59,10 @@ class ThreadSplit:
     2 cores -> 1 + 1, measured: on a busy 2-core box llama.cpp with 2 (spinning) threads took 0.5-8.4 s to
     prefill one 98-token unit of the tiny bundle, with 1 thread 40-100 ms. 4 cores -> 2 + 2 and 8 cores -> 5 + 3
     are NOT measured yet (rule of thumb: decode is memory-bound and stops scaling near 4-6 threads, the TTS
-    step is small); run bench/e2e.py --threads LLM,ORT on such a box to confirm."""
+    step is small); run bench/e2e.py --threads LLM,ORT on such a box to confirm.
+    Prefill (a unit, the generation prompt) never overlaps the TTS, so live mode gives it llm + ort threads
+    (`Profile.llm_batch_threads`): on the full-shape Q4_K_M bundle, 2 cores, a camera unit's 94-token prefill took
+    11.0 s with 1 thread and 5.8 s with 2."""
 
     llm_threads: int
     ort_threads: int

@@ -441,7 +441,7 @@ class Engine:
                 reply = _Reply(events, o.stop_ids(), job.stop, emit, o.llm)
                 spoken = speak and job.stream_audio
                 if spoken:
-                    self._speak_stream(reply.pieces(), spk, emit, cancel, job.tts_seed)
+                    self.speak_stream(reply.pieces(), spk, emit, cancel, job.tts_seed)
                 else:
                     for _ in reply.pieces():
                         pass
@@ -450,7 +450,7 @@ class Engine:
             return Finished(text, n_tok, "interrupted")
         if speak and not spoken and text.strip():
             if job.stream_audio:
-                self._speak_stream(iter(_WORD.findall(text)), spk, emit, cancel, job.tts_seed)
+                self.speak_stream(iter(_WORD.findall(text)), spk, emit, cancel, job.tts_seed)
             else:
                 with self._tts_lock:
                     wave = self._seeded_tts(job.tts_seed).synthesize(text, spk)
@@ -466,7 +466,7 @@ class Engine:
                                               sampling=dataclasses.replace(tts.options.sampling, seed=seed))
         return tts
 
-    def _speak_stream(self, pieces: Iterator[str], spk: np.ndarray, emit, cancel: threading.Event,
+    def speak_stream(self, pieces: Iterator[str], spk: np.ndarray, emit, cancel: threading.Event,
                       seed: int | None = None) -> None:
         with self._tts_lock:
             tts = self._seeded_tts(seed)

@@ -339,13 +339,4 @@ class LiveSession:
         return Finished("".join(text), len(reply.tokens), reason)
 
     def _speak(self, pieces, spk: np.ndarray, seed: int | None, emit, cancel) -> None:
-        with self.engine.speaker(seed) as tts:
-            chunks = tts.stream(pieces, spk)
-            try:
-                for chunk in chunks:
-                    if chunk.size:
-                        emit(AudioDelta(chunk, tts.sample_rate))
-                    if cancel.is_set():
-                        break
-            finally:
-                chunks.close()
+        self.engine.speak_stream(pieces, spk, emit, cancel, seed)

@@ -19,7 +19,8 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from edge.errors import ContextLengthExceededError, CorruptModelFileError, ModelFilesNotFoundError
+from edge.errors import (ContextLengthExceededError, CorruptModelFileError, InvalidInputError,
+                         ModelFilesNotFoundError)
 from edge.sampling import Sampler, SamplingOptions
 
 Segment = Union[Sequence[int], np.ndarray]  # token ids (1-D ints) or embeddings (2-D float32, n x hidden)
@@ -156,6 +157,7 @@ class LLM:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))  # llama.cpp may round the request up
         self.n_batch = int(llama_cpp.llama_n_batch(self._ctx))  # ... and clamp the batch to it
+        self.n_threads, self.n_threads_batch = int(cp.n_threads), int(cp.n_threads_batch)
         self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._history: list[object] = []  # one key per cached position (token id or embedding-row key)
@@ -403,6 +405,16 @@ class LLM:
             self._history.append(tok)
             self._context_ids.append(tok)
             return self._row(0, False), (self._row(0, True) if want_hidden else None)
+
+    def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
+        """Change the decode (and prefill) thread counts for the following calls (llama_set_n_threads): live mode
+        decodes on every core until the TTS starts, then on its share."""
+        if n_threads < 1 or (n_threads_batch is not None and n_threads_batch < 1):
+            raise InvalidInputError(f"thread counts must be >= 1; got {n_threads}, {n_threads_batch}.")
+        with self._lock:
+            self.n_threads = n_threads
+            self.n_threads_batch = n_threads_batch or self.n_threads_batch
+            self._lib.llama_set_n_threads(self._ctx, self.n_threads, self.n_threads_batch)
 
     def close(self) -> None:
         lib = getattr(self, "_lib", None)

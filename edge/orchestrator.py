@@ -211,6 +211,7 @@ class _Reply:
         self.spk: np.ndarray | None = None
         self.threads: list[threading.Thread] = []
         self._spk_ready = threading.Event()
+        self._tts_computing = threading.Event()  # the TTS has started its first step (see _lend_cores)
         self._llm_done = threading.Event()
         self._tts_done = threading.Event()
         self.speak = orch.speech_on
@@ -225,6 +226,27 @@ class _Reply:
             t.start()
 
     # --- decode ---
+    def _lend_cores(self, events):
+        """Decode on the prefill thread count (every core in live mode) until the TTS starts computing, then on
+        the decode share: the official TTS waits for 10 text tokens before its first step, and the cores it
+        leaves idle until then shorten that wait (2 cores: 3.3 -> ~5.8 tok/s on the full-shape Q4_K_M)."""
+        llm = self.o.session.omni.llm
+        share, lent = llm.n_threads, llm.n_threads_batch
+        if lent <= share or self._tts_computing.is_set():
+            yield from events
+            return
+        llm.set_threads(lent)
+        boosted = True
+        try:
+            for ev in events:
+                if boosted and self._tts_computing.is_set():
+                    llm.set_threads(share)
+                    boosted = False
+                yield ev
+        finally:
+            if boosted:
+                llm.set_threads(share)
+
     def _decode(self) -> None:
         o, sess = self.o, self.o.session
         text: list[str] = []
@@ -236,8 +258,9 @@ class _Reply:
             self._spk_ready.set()
             events = sess.reply_tokens(reply, o.sampling, max_new_tokens=o.options.max_new_tokens,
                                        should_stop=self.stop.is_set)
+            lending = self._lend_cores(events)
             try:
-                for piece in sess.text_pieces(self._first_token(events), text):
+                for piece in sess.text_pieces(self._first_token(lending), text):
                     o.status(f"speaking: {''.join(text)[-60:]!r}")
                     if self.speak:
                         if o.options.overlap:
@@ -245,6 +268,7 @@ class _Reply:
                         else:
                             held.append(piece)
             finally:
+                lending.close()
                 events.close()
             for piece in held:
                 self._put(piece)
@@ -295,7 +319,7 @@ class _Reply:
             self._spk_ready.wait()
             if self.spk is None or self.stop.is_set():
                 return
-            stream = o.tts.stream(self._piece_iter(), self.spk)
+            stream = o.tts.stream(self._piece_iter(), self.spk, on_compute=self._tts_computing.set)
             for chunk in stream:
                 if self.stop.is_set():
                     break

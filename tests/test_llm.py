@@ -143,3 +143,27 @@ def test_hidden_state_of_a_cached_position_is_recomputed(llm_f32, prompt_ids):
     _, h1 = llm_f32.prefill([prompt_ids], hidden_positions=[20])
     _, h2 = llm_f32.prefill([prompt_ids], hidden_positions=[20])
     assert 20 in h2 and rel_err(h2[20], h1[20]) <= 1e-5
+
+
+def test_set_threads_changes_llama_cpp_counts_and_keeps_results(golden_gguf, prompt_ids):
+    """Live mode lends cores to the decode and takes them back: the counts reach llama.cpp and the logits do not
+    depend on them (f32, exact options)."""
+    import llama_cpp
+
+    from edge.errors import InvalidInputError
+
+    llm = LLM(golden_gguf("f32"), LLMOptions.exact(n_ctx=256, n_threads=1, n_threads_batch=1))
+    try:
+        first, _ = llm.prefill([prompt_ids[:8]])
+        llm.set_threads(2, 2)
+        assert (llama_cpp.llama_n_threads(llm._ctx), llama_cpp.llama_n_threads_batch(llm._ctx)) == (2, 2)
+        assert (llm.n_threads, llm.n_threads_batch) == (2, 2)
+        llm.reset()
+        again, _ = llm.prefill([prompt_ids[:8]])
+        np.testing.assert_allclose(again, first, rtol=0, atol=1e-5 * np.abs(first).max())
+        llm.set_threads(1)
+        assert (llama_cpp.llama_n_threads(llm._ctx), llama_cpp.llama_n_threads_batch(llm._ctx)) == (1, 2)
+        with pytest.raises(InvalidInputError):
+            llm.set_threads(0)
+    finally:
+        llm.close()

@@ -367,3 +367,43 @@ def _debug_diff(omni, a, b):  # pragma: no cover - used when the transcript test
     i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     show = lambda s: [inv.get(t, t) for t in s]  # noqa: E731
     return f"first difference at {i}: cache {show(a[i - 8:i + 8])} vs rules {show(b[i - 8:i + 8])}"
+
+
+def test_decode_borrows_the_idle_cores_until_the_tts_computes():
+    """The reply's decode runs on the prefill thread count until the TTS starts its first step, then on its
+    share; the share is restored however the decode ends."""
+    from types import SimpleNamespace
+
+    from edge.orchestrator import _Reply
+
+    calls = []
+
+    class FakeLLM:
+        n_threads, n_threads_batch = 1, 2
+
+        def set_threads(self, n, n_batch=None):
+            calls.append(n)
+
+    reply = _Reply.__new__(_Reply)
+    reply.o = SimpleNamespace(session=SimpleNamespace(omni=SimpleNamespace(llm=FakeLLM())))
+    reply._tts_computing = threading.Event()
+
+    def events():
+        for i in range(5):
+            if i == 2:
+                reply._tts_computing.set()  # the TTS thread starts while token 2 is decoded
+            yield i
+
+    assert list(reply._lend_cores(events())) == [0, 1, 2, 3, 4]
+    assert calls == [2, 1]
+    calls.clear()
+    reply._tts_computing.clear()
+    gen = reply._lend_cores(events())
+    next(gen)
+    gen.close()  # an interrupted reply
+    assert calls == [2, 1]
+    calls.clear()
+    assert list(reply._lend_cores(iter([7]))) == [7] and calls == [2, 1]  # text-only reply: lent throughout
+    FakeLLM.n_threads_batch = 1
+    calls.clear()
+    assert list(reply._lend_cores(iter([7]))) == [7] and calls == []  # nothing to lend

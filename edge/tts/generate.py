@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -192,27 +192,38 @@ class TTS:
 
     # --- streaming ------------------------------------------------------------------------------------------------
     def stream(self, pieces: Iterable[str], spk_hidden: np.ndarray,
-               states: list[TtsState] | None = None) -> Iterator[np.ndarray]:
+               states: list[TtsState] | None = None,
+               on_compute: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
         """Yield float32 24 kHz chunks while LLM text `pieces` arrive (see the module docstring).
 
-        Pass a list as `states` to get each segment's state (codes, chunk boundaries) appended to it."""
+        Pass a list as `states` to get each segment's state (codes, chunk boundaries) appended to it.
+        `on_compute` is called once, just before the first TTS computation (the first text chunk needs 10 text
+        tokens): until then the TTS only waits, and a caller can lend its cores to the LLM's decode."""
         spk = self.speaker_embedding(spk_hidden)
         it, sampler, carry = iter(pieces), self.new_sampler(), None
+        pending = [on_compute]
+
+        def computing() -> None:
+            if pending[0] is not None:
+                callback, pending[0] = pending[0], None
+                callback()
+
         while True:
             st = self.new_state()
             if states is not None:
                 states.append(st)
-            carry = yield from self._segment(it, spk, st, sampler, carry)
+            carry = yield from self._segment(it, spk, st, sampler, carry, computing)
             if carry is None:
                 return
 
     def _segment(self, it: Iterator[str], spk: np.ndarray, st: TtsState, sampler: CodeSampler,
-                 carry: _Carry | None):
+                 carry: _Carry | None, computing: Callable[[], None]):
         """One official `_generate_mel_spec_audio_streaming` call; returns the roll-over carry or None."""
         o, d = self.options, self.dims
         joiner = WavStreamJoiner(o.overlap_samples, early=o.early_audio)
         gen_text, lang, chunk_idx, decoded, n, ids = "", "english", 0, 0, 0, None
         if carry is not None:  # re-prefill the last text ids and audio frames of the previous segment
+            computing()
             start = np.asarray(self.tokenizer.encode(STTS + SPK_EMB * d.num_spk_embs), dtype=np.int64)
             self.backbone.prefill_text(st.cache, np.concatenate([start, carry.text_ids]), 0, spk)
             self.backbone.prefill_audio(st.cache, carry.codes[:-1], build_text_mask(carry.text_ids.size, d))
@@ -245,6 +256,7 @@ class TTS:
                 rollover = True
                 break
             if n >= (chunk_idx + 1) * d.text_chunk:
+                computing()
                 begin, end = self.chunk_range(chunk_idx)
                 self.backbone.prefill_text(st.cache, ids[begin:end], begin, spk if chunk_idx == 0 else None)
                 self.generate(st, build_text_mask(n, d), o.codes_per_call, sampler)
@@ -254,6 +266,7 @@ class TTS:
                 if st.finished:
                     break
         if not st.finished and ids is not None:
+            computing()
             begin = self.chunk_range(chunk_idx)[0]
             end = min(n + d.start_len + 1, d.condition_length - 1)  # + 1 for [Etts]
             if end > begin:

@@ -349,8 +349,13 @@ def _int8_blockwise(fp32: Path, name: str, feed: dict, ref: list[np.ndarray],
     skip = [n.name for n in model.graph.node if n.op_type == "MatMul" and not linear.match(n.name)]
     quantizer = MatMulNBitsQuantizer(model, bits=NBITS_BITS, block_size=NBITS_BLOCK, is_symmetric=True,
                                      accuracy_level=NBITS_ACCURACY_LEVEL, nodes_to_exclude=skip)
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line/node
-    quantizer.process()
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")  # logs a line per node
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        quiet.setLevel(level)
     onnx.save_model(quantizer.model.model, str(out))
     return _keep_if_close(out, name, feed, ref, progress)
 

@@ -467,9 +467,8 @@ class Engine:
         return tts
 
     def speak_stream(self, pieces: Iterator[str], spk: np.ndarray, emit, cancel: threading.Event,
-                      seed: int | None = None) -> None:
-        with self._tts_lock:
-            tts = self._seeded_tts(seed)
+                     seed: int | None = None) -> None:
+        with self.speaker(seed) as tts:
             chunks = tts.stream(pieces, spk)
             try:
                 for chunk in chunks:

@@ -90,22 +90,23 @@ class WavStreamJoiner:
         self._sent = 0  # samples of _prev already emitted (early mode)
 
     def _emit_final_part(self) -> np.ndarray:
-        if not self.early:
-            return np.zeros(0, np.float32)
-        final = max(self._prev.shape[0] - self.overlap, 0)
-        self._sent = final
-        return self._prev[:final]
+        """(early mode) The held chunk's samples that no later overlap-add touches."""
+        self._sent = max(self._prev.shape[0] - self.overlap, 0)
+        return self._prev[:self._sent]
 
     def push(self, wav: np.ndarray) -> np.ndarray | None:
         """Feed one decoded chunk (its first `overlap` samples re-decode the previous chunk's tail); returns the
         audio that is final now, or None when there is none yet (the first chunk in official mode)."""
         if self._prev is None:
             self._prev = wav
+            if not self.early:
+                return None
             out = self._emit_final_part()
             return out if out.size else None
         done, self._prev = overlap_add2(self._prev, wav, self.overlap)
+        if not self.early:
+            return done
         done = done[self._sent:]
-        self._sent = 0
         return np.concatenate([done, self._emit_final_part()])
 
     def flush(self) -> np.ndarray | None:

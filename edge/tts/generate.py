@@ -201,11 +201,11 @@ class TTS:
         tokens): until then the TTS only waits, and a caller can lend its cores to the LLM's decode."""
         spk = self.speaker_embedding(spk_hidden)
         it, sampler, carry = iter(pieces), self.new_sampler(), None
-        pending = [on_compute]
 
         def computing() -> None:
-            if pending[0] is not None:
-                callback, pending[0] = pending[0], None
+            nonlocal on_compute
+            if on_compute is not None:
+                callback, on_compute = on_compute, None
                 callback()
 
         while True:

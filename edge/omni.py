@@ -368,7 +368,8 @@ class Omni:
         for chunk in self.tts.stream(pieces(), spk):
             while outbox:
                 yield StreamChunk(outbox.pop(0))
-            yield StreamChunk("", chunk, self.tts.sample_rate)
+            if chunk.size:
+                yield StreamChunk("", chunk, self.tts.sample_rate)
         while outbox:
             yield StreamChunk(outbox.pop(0))
 

@@ -323,6 +323,8 @@ class _Reply:
             for chunk in stream:
                 if self.stop.is_set():
                     break
+                if not chunk.size:  # the speech has ended early; the stream only reads the rest of the text
+                    continue
                 if self.trace.first_audio is None:
                     self.trace.first_audio = o.now()
                     o.post(tt.ReplyProgress(self.id, "first_audio"))

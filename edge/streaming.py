@@ -416,7 +416,10 @@ class StreamingSession:
             for chunk in audio:
                 new = "".join(text[sent:])
                 sent = len(text)
-                yield StreamChunk(new, chunk, tts.sample_rate)
+                if chunk.size:
+                    yield StreamChunk(new, chunk, tts.sample_rate)
+                elif new:  # the speech has ended; the text goes on
+                    yield StreamChunk(new)
             if sent < len(text):
                 yield StreamChunk("".join(text[sent:]))
         finally:

@@ -129,3 +129,26 @@ def golden_messages(golden_dir, name: str) -> list[dict]:
                 content.append(wav)
         msgs.append({"role": m["role"], "content": content})
     return msgs
+
+
+def end_speech_after(monkeypatch, tts, frames: int) -> list[int]:
+    """Make `tts` sample EOS once `frames` code frames exist (random weights rarely say EOS, a real voice ends its
+    speech wherever it likes). Returns a list that counts the frames sampled, to show that the speech ended."""
+    real = tts.new_sampler
+    sampled: list[int] = []
+
+    def new_sampler(sampling=None):
+        inner = real(sampling)
+
+        class EosAfter:
+            options = inner.options
+
+            def __call__(self, logits, hist, i, audio_bos):
+                frame = inner(logits, hist, i, audio_bos)
+                sampled.append(1)
+                return np.full_like(frame, tts.dims.eos_id) if len(sampled) > frames else frame
+
+        return EosAfter()
+
+    monkeypatch.setattr(tts, "new_sampler", new_sampler)
+    return sampled

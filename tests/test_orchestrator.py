@@ -407,3 +407,34 @@ def test_decode_borrows_the_idle_cores_until_the_tts_computes():
     FakeLLM.n_threads_batch = 1
     calls.clear()
     assert list(reply._lend_cores(iter([7]))) == [7] and calls == []  # nothing to lend
+
+
+def test_speech_that_ends_early_does_not_stall_the_reply(live, monkeypatch):
+    """The TTS ends its speech (EOS) after 3 frames while the LLM goes on: the decode thread must not block on
+    the full piece queue; the reply's whole text is decoded and the session ends on its own."""
+    from edge.orchestrator import PIECE_QUEUE
+    from edge.streaming import LLM_CHUNK_TOKENS
+    from tests.conftest import end_speech_after
+
+    omni, tts = live
+    baseline = set(threading.enumerate())
+    sampled = end_speech_after(monkeypatch, tts, frames=3)
+    audio = _script([("silence", 0.3), ("speech", 1.0), ("silence", 2.0)])
+    orch = _orchestrator(omni, tts, audio, barge_in=False, max_new_tokens=60, seed=6)
+    done: list = []
+    runner = threading.Thread(target=lambda: done.append(orch.run()), daemon=True)
+    runner.start()
+    runner.join(120)
+    if runner.is_alive():
+        orch.stop()
+        runner.join(10)
+        raise AssertionError("the session stalled after the speech ended early")
+    res = done[0]
+    assert len(sampled) == 4 and res.end_reason == "microphone ended"
+    assert len(res.turns) == 1 and not res.turns[0].interrupted
+    turn = res.turns[0]
+    # seed 1 decodes all 60 tokens: more than the piece queue between decode and TTS holds
+    assert turn.tokens == 60 > PIECE_QUEUE * LLM_CHUNK_TOKENS, turn
+    replies = [it for it in res.log.items if it[0] == "reply"]
+    assert turn.text == omni.llm.detokenize(list(replies[-1][1])) and turn.tokens == len(replies[-1][1])
+    _no_leak(baseline)

@@ -414,3 +414,26 @@ def test_clear_instructions_reset_and_cancel_before_start(client, engine, sessio
     reply = sess.start_reply(want_speaker=False)
     greedy = SamplingOptions(temperature=0.0, greedy=True)
     assert tuple(ev.token for ev in sess.reply_tokens(reply, greedy, max_new_tokens=4)) == r1
+
+
+def test_spoken_request_whose_speech_ends_early_keeps_its_text(engine, monkeypatch):
+    """An HTTP-style spoken job (streamed speech) whose TTS ends after 3 frames: the text deltas are the same
+    whole reply as with speech that runs to the end, and text still arrives after the last audio."""
+    from edge.sampling import SamplingOptions
+    from edge.server.engine import AudioDelta, Job, TextDelta
+    from tests.conftest import end_speech_after
+
+    def run() -> tuple[list, object]:
+        events: list = []
+        job = Job(messages=[{"role": "user", "content": "Tell me more."}], sampling=SamplingOptions(seed=7),
+                  max_new_tokens=40, speak=True, stream_audio=True, tts_seed=3)
+        return events, engine.run_sync(job, events.append)
+
+    full_events, full = run()
+    sampled = end_speech_after(monkeypatch, engine.omni.tts, frames=3)
+    events, short = run()
+    assert len(sampled) == 4 and short.completion_tokens == full.completion_tokens == 40
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert text == short.text == full.text == "".join(e.text for e in full_events if isinstance(e, TextDelta))
+    last_audio = max(i for i, e in enumerate(events) if isinstance(e, AudioDelta))
+    assert any(isinstance(e, TextDelta) and e.text for e in events[last_audio + 1:])

@@ -278,3 +278,23 @@ def test_streaming_generate_text_and_audio(omni):
     assert len(gen_ids) - n_prompt == 12 and not sess.rules.llm_generate_completed
     with pytest.raises(ValueError, match="session"):
         next(sess.streaming_generate("other"))
+
+
+def test_streaming_generate_speech_that_ends_early(omni, monkeypatch):
+    """The TTS ends its speech after 3 frames: the text chunks still add up to the whole decoded reply."""
+    from edge.tts.generate import TTS
+    from tests.conftest import end_speech_after
+
+    tts = TTS(omni.bundle)
+    sampled = end_speech_after(monkeypatch, tts, frames=3)
+    sess = st.StreamingSession(omni, tts=tts)
+    sess.streaming_prefill("e", [{"role": "user", "content": ["Hello there."]}])
+    start = omni.llm.n_past
+    chunks = list(sess.streaming_generate("e", max_new_tokens=40, seed=0))
+    assert len(sampled) == 4
+    gen_ids = omni.llm.cached_tokens()[start:]
+    n_prompt = len(_expected_ids(omni, [(GEN, True)]))
+    assert len(gen_ids) - n_prompt == 40
+    assert "".join(c.text for c in chunks) == omni.llm.detokenize(gen_ids[n_prompt:])
+    last_audio = max(i for i, c in enumerate(chunks) if c.audio is not None)
+    assert any(c.text for c in chunks[last_audio + 1:])

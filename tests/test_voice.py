@@ -77,3 +77,18 @@ def test_streamed_speech_equals_text_reply(golden_omni):
     ref = golden_omni.chat(msgs, sampling=False, max_new_tokens=24, use_tts_template=True)
     assert text == ref
     assert all(a.dtype == np.float32 and a.ndim == 1 for a in audio)
+
+
+def test_speech_that_ends_early_keeps_the_whole_text(golden_omni, monkeypatch):
+    """The TTS may end its speech (EOS) before the LLM ends its text: the streamed text is still the whole
+    reply, and the text after the last audio chunk still arrives."""
+    from tests.conftest import end_speech_after
+
+    msgs = [golden_omni.get_sys_prompt(None), {"role": "user", "content": "Tell me something."}]
+    ref = golden_omni.chat(msgs, sampling=False, max_new_tokens=40, use_tts_template=True)
+    sampled = end_speech_after(monkeypatch, golden_omni.tts, frames=3)
+    chunks = list(golden_omni.chat(msgs, stream=True, generate_audio=True, sampling=False, max_new_tokens=40))
+    assert len(sampled) == 4  # 3 frames, then EOS: the speech ended after the first text chunk
+    assert "".join(c.text for c in chunks) == ref
+    last_audio = max(i for i, c in enumerate(chunks) if c.audio is not None)
+    assert any(c.text for c in chunks[last_audio + 1:])

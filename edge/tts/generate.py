@@ -196,6 +196,9 @@ class TTS:
                on_compute: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
         """Yield float32 24 kHz chunks while LLM text `pieces` arrive (see the module docstring).
 
+        `pieces` is always read to the end: once the speech has ended (EOS code, or an empty piece opening a new
+        segment) each further piece yields an empty chunk, so a caller that shows text between audio chunks loses
+        none of it and a producer feeding a bounded queue never blocks.
         Pass a list as `states` to get each segment's state (codes, chunk boundaries) appended to it.
         `on_compute` is called once, just before the first TTS computation (the first text chunk needs 10 text
         tokens): until then the TTS only waits, and a caller can lend its cores to the LLM's decode."""
@@ -214,7 +217,9 @@ class TTS:
                 states.append(st)
             carry = yield from self._segment(it, spk, st, sampler, carry, computing)
             if carry is None:
-                return
+                break
+        for _ in it:
+            yield np.zeros(0, dtype=np.float32)
 
     def _segment(self, it: Iterator[str], spk: np.ndarray, st: TtsState, sampler: CodeSampler,
                  carry: _Carry | None, computing: Callable[[], None]):

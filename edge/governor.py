@@ -42,6 +42,30 @@ class RealtimeGovernor:
     def fps(self) -> float:
         return 1.0 / (self.stride * self.options.unit_seconds)
 
+    def prime(self, frame_unit_seconds: float, audio_unit_seconds: float) -> str | None:
+        """Start at the frame rate that estimated unit costs allow, instead of learning it from late units.
+
+        Without this the first units of a session carry a frame each, and on a slow device (2 cores: ~8 s per
+        camera unit) the session falls tens of seconds behind the user before `observe` reacts. The stride chosen
+        is the smallest power of two (within the limits) whose mean unit cost, one frame unit plus `stride - 1`
+        audio-only units, fits `high_water` of the budget; `observe` goes on adjusting from real measurements.
+        Returns a status message when the rate is lowered."""
+        o = self.options
+        limit = o.high_water * o.unit_seconds
+        stride = o.min_stride
+        while stride < max(o.max_stride, o.min_stride):
+            if (frame_unit_seconds + (stride - 1) * audio_unit_seconds) / stride <= limit:
+                break
+            stride *= 2
+        self.stride = min(stride, max(o.max_stride, o.min_stride))
+        self._unit, self._avg = 0, None
+        if self.stride == o.min_stride:
+            return None
+        msg = (f"a camera unit needs ~{frame_unit_seconds:.1f} s and an audio unit ~{audio_unit_seconds:.1f} s per "
+               f"{o.unit_seconds:.0f}-s unit: camera starts at {self.fps:.2f} fps (audio kept whole)")
+        self.changes.append(msg)
+        return msg
+
     def take_frame(self) -> bool:
         """Whether the unit about to be built should carry a frame (call once per unit)."""
         take = self._unit % self.stride == 0

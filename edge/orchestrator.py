@@ -45,6 +45,7 @@ log = logging.getLogger("edge.orchestrator")
 
 EVENT_QUEUE_PACKETS = 256  # ~8 s of 32-ms packets between capture and control
 PIECE_QUEUE = 8  # text pieces (3 tokens each) between decode and TTS: LLM runs ahead at most ~24 tokens
+MIN_RATE_TOKENS = 8  # a system prompt shorter than this says too little about the LLM's prefill rate
 POLL_SECONDS = 0.05  # how often blocked threads look at the stop flags (bounds barge-in reaction)
 JOIN_SECONDS = 5.0  # a reply thread that does not stop within this is reported (never silently leaked)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. You can accept video, audio and text input and output voice " \
@@ -512,13 +513,27 @@ class Orchestrator:
             except Exception as e:  # noqa: BLE001 - no TTS is not fatal: replies go on as text
                 self.speech_on = False
                 self.fault(f"speech synthesis failed ({e}); continuing with text-only replies", fatal=False)
+        timings = self.session.warm_up_encoders(vision=self.camera is not None)
         content: list = [self.options.system_prompt]
         if self.options.voice is not None:
             content.append(np.asarray(self.options.voice, np.float32))
         self.session.reset_session()
-        self.session.streaming_prefill(self.options.session_id, [{"role": "user", "content": content}])
+        report = self.session.streaming_prefill(self.options.session_id, [{"role": "user", "content": content}])
         self.log.items.append(("prefill", ["text"] + (["audio"] if self.options.voice is not None else []),
                                self.options.system_prompt))
+        self._prime_governor(timings, report)
+
+    def _prime_governor(self, timings, report) -> None:
+        """Start the camera at the rate the measured costs allow: encoder warm-up times plus the LLM's prefill
+        rate on the system prompt (a 7B prefill on 2 cores is ~20 tokens/s, so a frame's 64 rows cost seconds)."""
+        if timings.image_seconds is None or report.n_tokens < MIN_RATE_TOKENS or report.llm_seconds <= 0:
+            return
+        per_token = report.llm_seconds / report.n_tokens
+        audio_unit = timings.audio_seconds + timings.audio_tokens * per_token
+        frame_unit = audio_unit + timings.image_seconds + timings.image_tokens * per_token
+        change = self.governor.prime(frame_unit, audio_unit)
+        if change:
+            self.status(change)
 
     def _on_packet(self, packet: np.ndarray, vad_events: list) -> None:
         for unit in self.assembler.push(packet):

@@ -438,3 +438,38 @@ def test_speech_that_ends_early_does_not_stall_the_reply(live, monkeypatch):
     replies = [it for it in res.log.items if it[0] == "reply"]
     assert turn.text == omni.llm.detokenize(list(replies[-1][1])) and turn.tokens == len(replies[-1][1])
     _no_leak(baseline)
+
+
+def test_slow_camera_units_start_at_a_lower_frame_rate(live, tmp_path, monkeypatch):
+    """When the warm-up says a camera unit costs far more than its second (a 2-core box), the session starts
+    with one frame every few units instead of learning that from units that already made it late."""
+    import dataclasses
+
+    import soundfile as sf
+
+    from edge.io.camera import Camera, CameraOptions
+    from edge.streaming import StreamingSession
+
+    real = StreamingSession.warm_up_encoders
+    timings: list = []
+
+    def slow_vision(self, *, vision):
+        t = real(self, vision=vision)
+        timings.append(t)
+        return dataclasses.replace(t, image_seconds=3.0)  # + 64 rows at the measured prefill rate
+
+    monkeypatch.setattr(StreamingSession, "warm_up_encoders", slow_vision)
+    omni, tts = live
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, _script([("silence", 0.3), ("speech", 2.2), ("silence", 1.5)]), SR, subtype="FLOAT")
+    orch = _orchestrator(omni, tts, wav, camera=Camera(CameraOptions(str(_video(tmp_path / "cam.avi", 6.0)))),
+                         speech=False)
+    res = orch.run()
+    assert timings[0].image_tokens == 64 and timings[0].audio_tokens == 25  # golden query_num; 1 s of audio
+    assert res.end_reason == "microphone ended" and len(res.turns) == 1
+    assert orch.governor.changes[0].startswith("a camera unit needs ~3.")
+    assert "starts at 0.25 fps" in orch.governor.changes[0]
+    kinds = [it[1] for it in res.log.items if it[0] == "prefill"][1:]
+    assert kinds[0] == ["unit", "image", "audio"] and kinds[1] == ["audio"], kinds  # stride 4 from the first unit
+    # the real (tiny-model) units are fast: the governor's measurements raise the rate again
+    assert any("raised" in c for c in orch.governor.changes[1:])

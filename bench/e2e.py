@@ -19,6 +19,7 @@ the text a real reply would give it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -102,10 +103,11 @@ def run(bundle_path: str, *, overlap: bool, max_new_tokens: int, threads, tmp: P
 
     ort = OrtOptions(intra_op_threads=threads.ort_threads, allow_spinning=False)
     bundle = Bundle.load(bundle_path)
-    # prefill (units, generation prompt) never overlaps the TTS: it gets every core, as Profile.for_live does
+    # prefill and the encoders (units, generation prompt) never overlap the TTS: every core, as Profile.for_live does
     omni = Omni.load(bundle, OmniOptions(llm=LLMOptions(n_ctx=8192, n_threads=threads.llm_threads,
                                                         n_threads_batch=threads.llm_threads + threads.ort_threads),
-                                         ort=ort,
+                                         ort=ort, encoder_ort=dataclasses.replace(
+                                             ort, intra_op_threads=threads.llm_threads + threads.ort_threads),
                                          vision_variant=variant, audio_variant=variant, tts_variant=variant))
     # random-weight TTS rarely says EOS: cap a reply's speech (~4 s) so every reply fits the scripted pauses
     tts = TTS(bundle, variant=variant, ort=ort, options=TTSOptions(max_codes=MAX_CODES))

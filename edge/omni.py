@@ -34,12 +34,15 @@ class OmniOptions:
     """Attributes:
     llm: llama.cpp settings (context, threads, KV type, flash attention).
     ort: onnxruntime settings shared by the vision, audio and TTS sessions.
+    encoder_ort: settings of the vision and audio encoders when they differ from `ort` (live mode: a unit is
+        encoded while no TTS runs, so the encoders may use every core, as the prefill does).
     vision_variant, audio_variant, tts_variant: "fp32" or "int8" ONNX graphs.
     max_slice_nums: image slices when a call does not pass its own (None = the official default, 9).
     """
 
     llm: LLMOptions = field(default_factory=LLMOptions)
     ort: OrtOptions = field(default_factory=OrtOptions)
+    encoder_ort: OrtOptions | None = None
     vision_variant: str = "fp32"
     audio_variant: str = "fp32"
     tts_variant: str = "fp32"
@@ -108,7 +111,8 @@ class Omni:
         if self._vision is None:
             from edge.vision import VisionEncoder
 
-            self._vision = VisionEncoder(self.bundle, variant=self.options.vision_variant, ort=self.options.ort)
+            self._vision = VisionEncoder(self.bundle, variant=self.options.vision_variant,
+                                         ort=self.options.encoder_ort or self.options.ort)
         return self._vision
 
     @property
@@ -116,7 +120,8 @@ class Omni:
         if self._audio is None:
             from edge.audio_encoder import AudioEncoder
 
-            self._audio = AudioEncoder(self.bundle, variant=self.options.audio_variant, ort=self.options.ort)
+            self._audio = AudioEncoder(self.bundle, variant=self.options.audio_variant,
+                                       ort=self.options.encoder_ort or self.options.ort)
         return self._audio
 
     # --- stage by stage --------------------------------------------------------------------------------------------

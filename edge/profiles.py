@@ -102,7 +102,8 @@ class Profile:
     llm_batch_threads: llama.cpp threads for prompt prefill (batches of more than one token; 0 = llm_threads).
         Live mode sets it to live_llm_threads + live_ort_threads: prefill of a 1-s unit runs while no TTS does,
         so it may use the whole machine (2 cores: a camera unit's 94-token prefill 11.0 s -> 5.8 s, an audio-only
-        unit 4.1 s -> 2.7 s, full-shape Q4_K_M), while single-token decode keeps its share beside the TTS.
+        unit 4.1 s -> 2.7 s, full-shape Q4_K_M), while single-token decode keeps its share beside the TTS. The
+        vision and audio encoders get the same count (they run in the same phase as the prefill).
     reasons: why the profile sets its fields; overridden: fields set by the user (CLI `--set`, flags, keywords).
     """
 
@@ -205,7 +206,12 @@ class Profile:
         """`OmniOptions` for `Omni`: LLM, onnxruntime, ONNX variants and image slices of this profile."""
         from edge.omni import OmniOptions
 
-        return OmniOptions(llm=self.llm_options(), ort=ort or self.ort_options(), vision_variant=self.vision_variant,
+        ort = ort or self.ort_options()
+        encoders = None
+        if self.llm_batch_threads > ort.intra_op_threads > 0:
+            encoders = replace(ort, intra_op_threads=self.llm_batch_threads)
+        return OmniOptions(llm=self.llm_options(), ort=ort, encoder_ort=encoders,
+                           vision_variant=self.vision_variant,
                            audio_variant=self.audio_variant, tts_variant=self.tts_variant,
                            max_slice_nums=self.max_slice_nums)
 

@@ -174,6 +174,12 @@ def test_live_mode_splits_threads_and_keeps_what_the_user_set():
     opts = live.llm_options()
     assert (opts.n_threads, opts.n_threads_batch) == (5, 8)
     assert laptop.llm_options().n_threads_batch == laptop.llm_threads  # outside live mode: one count
+    # the encoders run in the prefill's phase too: every core in live mode, the shared ONNX count outside it
+    oo = live.omni_options()
+    assert (oo.ort.intra_op_threads, oo.encoder_ort.intra_op_threads) == (3, 8)
+    assert laptop.omni_options().encoder_ort is None
+    spin_off = live.omni_options(ort=live.ort_options(allow_spinning=False))  # what `live` passes
+    assert (spin_off.encoder_ort.intra_op_threads, spin_off.encoder_ort.allow_spinning) == (8, False)
     assert laptop.with_overrides(llm_batch_threads=2).for_live().llm_batch_threads == 2
 
 

@@ -55,6 +55,9 @@ class LLMOptions:
     repack: let llama.cpp's CPU backend repack weights into its faster layouts (`use_extra_bufts`); with mmap
         this keeps both the mapped file and the repacked copy resident (see bench/memory.py).
     n_gpu_layers: layers offloaded to Metal/CUDA when the wheel has them.
+    text_as_embeddings: a prompt that holds media rows goes in as one embedding batch, its text tokens as their
+        rows of the token table (`edge.token_rows`): llama.cpp batches are tokens or embeddings, and each extra
+        call reads every weight once (a live audio unit: 3 calls -> 1).
     verbose: let llama.cpp print its load/decode log (errors are always shown).
     """
 
@@ -71,6 +74,7 @@ class LLMOptions:
     use_mmap: bool = False
     repack: bool = True
     n_gpu_layers: int = 0
+    text_as_embeddings: bool = True
     verbose: bool = False
 
     @classmethod
@@ -132,6 +136,7 @@ class LLM:
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if (options and options.verbose) else logging.ERROR)
         self._lib = llama_cpp
         self.path = Path(path)
+        self._token_rows = None  # edge.token_rows.TokenRows, opened at the first mixed prompt
         self.options = o = options or LLMOptions()
         check_gguf_file(self.path)
         llama_cpp.llama_backend_init()
@@ -274,6 +279,19 @@ class LLM:
             raise RuntimeError(f"llama.cpp returned no {'hidden state' if hidden else 'logits'} for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(n,)).copy()
 
+    def _one_embedding_run(self, segments: Sequence[Segment]) -> Sequence[Segment]:
+        """Mixed token/embedding segments -> one (n, n_embd) array (positions unchanged; the cache keys were
+        taken from the original segments). Text-only prompts stay token batches."""
+        if not any(isinstance(s, np.ndarray) and s.ndim == 2 for s in segments) or len(segments) < 2:
+            return segments
+        if self._token_rows is None:
+            from edge.token_rows import TokenRows
+
+            self._token_rows = TokenRows(self.path)
+        rows = [np.asarray(s, np.float32) if isinstance(s, np.ndarray) and s.ndim == 2 else self._token_rows.rows(s)
+                for s in segments]
+        return [np.concatenate(rows)]
+
     def _chunks(self, lo: int, hi: int, hidden_set: set[int]) -> Iterator[tuple[int, int]]:
         """[c0, c1) decode ranges of at most n_batch positions; each requested hidden position is its own chunk."""
         marks = [q for p in hidden_set for q in (p, p + 1) if lo < q < hi]
@@ -310,6 +328,8 @@ class LLM:
             if total > self.n_ctx:
                 raise ContextLengthExceededError(total, self.n_ctx)
             hidden_set = {int(p) for p in hidden_positions}
+            if self.options.text_as_embeddings:
+                segments = self._one_embedding_run(segments)
             # Walk the segments, decoding only positions >= start, in chunks of n_batch.
             flat_pos = 0 if reuse else len(self._history)
             all_logits: list[np.ndarray] = []
@@ -429,6 +449,9 @@ class LLM:
         if getattr(self, "_model", None):
             lib.llama_model_free(self._model)
             self._model = None
+        if getattr(self, "_token_rows", None) is not None:
+            self._token_rows.close()
+            self._token_rows = None
 
     def __del__(self):
         try:

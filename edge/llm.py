@@ -55,9 +55,11 @@ class LLMOptions:
     repack: let llama.cpp's CPU backend repack weights into its faster layouts (`use_extra_bufts`); with mmap
         this keeps both the mapped file and the repacked copy resident (see bench/memory.py).
     n_gpu_layers: layers offloaded to Metal/CUDA when the wheel has them.
-    text_as_embeddings: a prompt that holds media rows goes in as one embedding batch, its text tokens as their
-        rows of the token table (`edge.token_rows`): llama.cpp batches are tokens or embeddings, and each extra
-        call reads every weight once (a live audio unit: 3 calls -> 1).
+    text_as_embeddings: an appended prompt (`prefill(reuse=False)`, the streaming path) that holds media rows
+        goes in as one embedding batch, its text tokens as their rows of the token table (`edge.token_rows`):
+        llama.cpp batches are tokens or embeddings, and each extra call reads every weight once (a live audio
+        unit: 3 calls -> 1). Not with prefix reuse: the batch would start wherever the cached prefix ends, and
+        batch composition changes float rounding, so a seeded reply would depend on the request before it.
     verbose: let llama.cpp print its load/decode log (errors are always shown).
     """
 
@@ -328,7 +330,7 @@ class LLM:
             if total > self.n_ctx:
                 raise ContextLengthExceededError(total, self.n_ctx)
             hidden_set = {int(p) for p in hidden_positions}
-            if self.options.text_as_embeddings:
+            if self.options.text_as_embeddings and not reuse:
                 segments = self._one_embedding_run(segments)
             # Walk the segments, decoding only positions >= start, in chunks of n_batch.
             flat_pos = 0 if reuse else len(self._history)

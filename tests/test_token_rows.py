@@ -58,8 +58,8 @@ def test_mixed_prompt_in_one_call_gives_the_same_logits(golden_gguf, quant, monk
         calls[name] = []
         monkeypatch.setattr(llm, "_decode", lambda seg, pos0, want, real=real, n=name: (calls[n].append(len(seg)),
                                                                                           real(seg, pos0, want))[1])
-    got_split, _ = split.prefill(segments, logits="all")
-    got_one, _ = one.prefill(segments, logits="all")
+    got_split, _ = split.prefill(segments, logits="all", reuse=False)
+    got_one, _ = one.prefill(segments, logits="all", reuse=False)
     assert calls == {"split": [3, 9, 1, 25, 2], "one": [40]}
     err = rel_err(got_one, got_split)
     print(f"{quant}: one embedding batch vs token/embedding runs, all logits: {err:.2e}")
@@ -67,5 +67,10 @@ def test_mixed_prompt_in_one_call_gives_the_same_logits(golden_gguf, quant, monk
     # cache keys stay token ids for the text (what the KV journal and the prompt tests read)
     assert one.cached_tokens() == split.cached_tokens()
     assert [k for k in one.cached_tokens() if k is not None] == [5, 17, 300, 42, 7, 8]
+    # with prefix reuse (chat, server) the runs stay separate: see LLMOptions.text_as_embeddings
+    one.reset()
+    calls["one"].clear()
+    one.prefill(segments)
+    assert calls["one"] == [3, 9, 1, 25, 2]
     split.close()
     one.close()

@@ -288,22 +288,20 @@ class Omni:
 
     def inputs_embeds(self, msgs, **chat_kwargs) -> np.ndarray:
         """(S, hidden) LLM input embeddings (token embeddings with media written in), as `get_vllm_embedding`
-        + `get_omni_embedding` build them. Reads the token table from the GGUF (dequantized if needed)."""
+        + `get_omni_embedding` build them. Token rows come from the GGUF's table (dequantized if needed)."""
         prompt = self.build_prompt(msgs, **chat_kwargs)
-        table = self._token_table()
-        rows = [np.asarray(s, dtype=np.float32) if isinstance(s, np.ndarray) else table[list(s)]
-                for s in self.segments(prompt)]
-        return np.concatenate(rows)
+        return self.token_embeddings(self.segments(prompt))
 
-    def _token_table(self) -> np.ndarray:
-        if getattr(self, "_table", None) is None:
-            import gguf
+    def token_embeddings(self, segments) -> np.ndarray:
+        """Segments (token-id runs and embedding blocks) -> (S, hidden) rows, as the LLM sees them."""
+        from edge.token_rows import TokenRows
 
-            r = gguf.GGUFReader(str(self.bundle.file(keys.PART_LLM, "model")))
-            t = next(t for t in r.tensors if t.name == "token_embd.weight")
-            data = gguf.quants.dequantize(t.data, t.tensor_type)
-            self._table = np.asarray(data, dtype=np.float32).reshape(-1, self.llm.n_embd)
-        return self._table
+        table = TokenRows(self.bundle.file(keys.PART_LLM, "model"))
+        try:
+            return np.concatenate([np.asarray(s, dtype=np.float32) if isinstance(s, np.ndarray) else table.rows(s)
+                                   for s in segments])
+        finally:
+            table.close()
 
     def prefill_logits(self, msgs, *, all_positions: bool = False, **chat_kwargs) -> np.ndarray:
         """Logits of the prefill `chat()` runs: the last position (or every position with all_positions)."""

@@ -143,7 +143,10 @@ def run(bundle_path: str, *, overlap: bool, max_new_tokens: int, threads, tmp: P
                       "abs": {k: getattr(t, k) for k in ("speech_end", "prefill_done", "first_token", "first_audio",
                                                          "decode_end", "end")}})
     omni.close()
+    sink = orch.sink  # PacedSink: silences inside replies = what a listener hears as stalls
     return {"overlap": overlap, "tts_chunk_s": round(chunk, 4), "reply_text": REPLY, "turns": turns,
+            "speech_gaps": sink.gaps, "speech_gap_seconds": round(sink.gap_seconds, 3),
+            "speech_played_seconds": round(sink.played_seconds, 3),
             "errors": res.errors, "status_log": status,
             "end_reason": res.end_reason}
 

@@ -142,7 +142,9 @@ class LiveResult:
 
 class PacedSink:
     """Plays into another sink (e.g. a WavSink) at real-time pace, so a headless run behaves like a speaker:
-    playback takes time, `pending_seconds` counts down, and `interrupt()` keeps only what was already played."""
+    playback takes time, `pending_seconds` counts down, and `interrupt()` keeps only what was already played.
+    `gaps` / `gap_seconds` count silences inside a reply (a chunk arrived after the previous one finished playing:
+    what a listener hears as a stall); the pause before a reply's first chunk is not one."""
 
     def __init__(self, inner, sample_rate: int, *, speed: float = 1.0):
         self.inner, self.sample_rate, self.speed = inner, sample_rate, speed
@@ -150,6 +152,9 @@ class PacedSink:
         self._end = 0.0
         self._lock = threading.Lock()
         self.played_seconds = 0.0
+        self._in_reply = False
+        self.gaps = 0
+        self.gap_seconds = 0.0
 
     def _dur(self, chunk: np.ndarray) -> float:
         return chunk.size / self.sample_rate / self.speed
@@ -165,6 +170,10 @@ class PacedSink:
         with self._lock:
             now = time.monotonic()
             self._advance(now)
+            if self._in_reply and now > self._end:
+                self.gaps += 1
+                self.gap_seconds += now - self._end
+            self._in_reply = True
             start = max(now, self._end)
             self._q.append((chunk, start))
             self._end = start + self._dur(chunk)
@@ -177,10 +186,12 @@ class PacedSink:
             return max(0.0, self._end - now) * self.speed
 
     def flush(self) -> None:
+        self._in_reply = False  # the reply is complete: the next chunk starts a new one
         self.inner.flush()
 
     def interrupt(self) -> None:
         with self._lock:
+            self._in_reply = False
             now = time.monotonic()
             self._advance(now)
             if self._q and self._q[0][1] < now:  # the chunk being played: keep its played part

@@ -473,3 +473,21 @@ def test_slow_camera_units_start_at_a_lower_frame_rate(live, tmp_path, monkeypat
     assert kinds[0] == ["unit", "image", "audio"] and kinds[1] == ["audio"], kinds  # stride 4 from the first unit
     # the real (tiny-model) units are fast: the governor's measurements raise the rate again
     assert any("raised" in c for c in orch.governor.changes[1:])
+
+
+def test_paced_sink_counts_stalls_inside_a_reply_only():
+    from edge.io.speaker import WavSink
+    from edge.orchestrator import PacedSink
+
+    rate = 1000
+    sink = PacedSink(WavSink(), rate, speed=1.0)
+    sink.push(np.zeros(50, np.float32))  # 50 ms
+    time.sleep(0.15)  # the next chunk comes ~100 ms after the first finished playing: a stall
+    sink.push(np.zeros(50, np.float32))
+    assert sink.gaps == 1 and 0.08 < sink.gap_seconds < 0.5
+    sink.flush()  # reply complete
+    time.sleep(0.1)
+    sink.push(np.zeros(50, np.float32))  # the next reply's first chunk: not a stall
+    sink.push(np.zeros(50, np.float32))  # queued behind it: not a stall either
+    assert sink.gaps == 1
+    sink.close()

@@ -232,9 +232,9 @@ def test_overlap_add_matches_official(rng=np.random.default_rng(3)):
         np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=1e-5)
 
 
-def _stream(tts, pieces, spk, *, early: bool, states=None, on_chunk=None):
+def _stream(tts, pieces, spk, *, early: bool, eager: bool = False, states=None, on_chunk=None):
     keep = tts.options
-    tts.options = dataclasses.replace(keep, early_audio=early)
+    tts.options = dataclasses.replace(keep, early_audio=early, eager_codes=eager)
     try:
         out = []
         for c in tts.stream(pieces, spk, states=states):
@@ -298,6 +298,57 @@ def test_streaming_vs_one_shot(tts, golden_ref):
     np.testing.assert_allclose(np.concatenate(early), streamed, rtol=0, atol=1e-6 * np.abs(streamed).max())
     hop = chunks[0].shape[0] - 2048
     np.testing.assert_array_equal(early[0], wavs[0][:hop])  # the part the overlap-add never touches, as decoded
+
+
+SHORT = "One two three four five six seven eight nine ten. Eleven twelve."
+
+
+@pytest.mark.parametrize("text,max_codes", [
+    (SHORT, 2048),
+    (SHORT, 120),  # the official stop past max_codes, reached inside the text
+    ("One two three four five six seven eight nine ten. " * 5, 2048),  # 160 ids: a segment roll-over
+])
+def test_eager_codes_are_the_official_codes_sooner(tts, golden_ref, text, max_codes):
+    """eager_codes: every frame the prefilled text already fixes is made right after its chunk. Same codes, same
+    audio as the official cadence, but more of it before the text ends (what a slow LLM leaves the TTS waiting
+    for)."""
+    from edge.tts.backbone import frames_determined_by, released_text
+    from edge.tts.sampling import SamplingOptions as CodeSampling
+
+    d = tts.dims
+    for past in range(d.condition_length - 1, d.condition_length + 400):  # the closed form vs the mask rule
+        for tokens in (10, 20, 50):
+            k = frames_determined_by(tokens, past, d)
+            assert all(released_text(past + j, d) <= tokens for j in range(k))
+            assert released_text(past + k, d) > tokens
+    pieces = [w + " " for w in text.split()]
+    keep = tts.options
+    runs = {}
+    try:
+        for eager in (False, True):
+            # seeded sampling: the tiny random TTS says EOS at once when greedy, and rarely when sampling
+            tts.options = dataclasses.replace(keep, max_codes=max_codes, eager_codes=eager, early_audio=True,
+                                              sampling=CodeSampling(seed=5))
+            states, pulled, before_end, out = [], [], [0], []
+
+            def feed():
+                for p in pieces:
+                    pulled.append(p)
+                    yield p
+
+            for c in tts.stream(feed(), golden_ref["tts_spk_emb"], states=states):
+                out.append(c)
+                if len(pulled) < len(pieces):
+                    before_end[0] += c.size
+            runs[eager] = (np.concatenate([np.stack(s.codes) for s in states]), np.concatenate(out), before_end[0])
+    finally:
+        tts.options = keep
+    (codes0, wav0, early0), (codes1, wav1, early1) = runs[False], runs[True]
+    np.testing.assert_array_equal(codes1, codes0)
+    np.testing.assert_array_equal(wav1, wav0)
+    print(f"\n{codes0.shape[0]} frames; audio before the text ended: official {early0}, eager {early1} samples")
+    if text == SHORT:  # (~3 golden-tokenizer ids per word: 4 text chunks, no roll-over)
+        assert early1 > early0 > 0
 
 
 def test_stream_and_synthesize_share_first_call(tts, golden_ref):

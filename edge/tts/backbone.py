@@ -127,6 +127,21 @@ def build_text_mask(n_text_tokens: int, dims: TtsDims) -> np.ndarray:
     return m
 
 
+def released_text(past_len: int, dims: TtsDims) -> int:
+    """Text tokens the audio frame fed at cache position `past_len` may see (before the padding mask):
+    `streaming_text_chunk_size` more per `streaming_audio_chunk_size` frames."""
+    return min(math.ceil((past_len - dims.reserved_len) / dims.audio_chunk) * dims.text_chunk, dims.reserved_len)
+
+
+def frames_determined_by(text_tokens: int, past_len: int, dims: TtsDims) -> int:
+    """How many frames, fed from cache position `past_len` on, see no text beyond the first `text_tokens`: their
+    codes are already fixed once those tokens are in the cache (later text is masked out for them)."""
+    if text_tokens >= dims.reserved_len:
+        return 1 << 30
+    last = dims.reserved_len + dims.audio_chunk * (text_tokens // dims.text_chunk)  # ceil(x / A) <= k <=> x <= k A
+    return max(0, last - past_len + 1)
+
+
 def step_mask(past_len: int, n_new: int, text_mask: np.ndarray, dims: TtsDims) -> np.ndarray:
     """`make_streaming_chunk_mask_generation` as an additive (1, 1, n_new, past_len + n_new) float32 mask.
 
@@ -134,8 +149,7 @@ def step_mask(past_len: int, n_new: int, text_mask: np.ndarray, dims: TtsDims) -
     window *and* the `[Ptts]` slot are hidden, then the padded text slots too. The official mask is one row
     broadcast over all new positions (no causal part among them); reproduced."""
     row = np.zeros(past_len + n_new, dtype=np.float32)
-    released = math.ceil((past_len - dims.reserved_len) / dims.audio_chunk) * dims.text_chunk
-    start = min(released, dims.reserved_len) + dims.start_len
+    start = released_text(past_len, dims) + dims.start_len
     end = dims.reserved_len + dims.start_len + 1
     row[start:end] = MASK_MIN
     n_cond = dims.condition_length

@@ -36,7 +36,7 @@ import numpy as np
 from edge import keys
 from edge.bundle import Bundle
 from edge.onnx_session import OrtOptions
-from edge.tts.backbone import KVCache, TtsBackbone, build_text_mask
+from edge.tts.backbone import KVCache, TtsBackbone, build_text_mask, frames_determined_by
 from edge.tts.decoder import TtsDecoder, WavStreamJoiner
 from edge.tts.sampling import CodeSampler, SamplingOptions
 from edge.tts.text import (SPK_EMB, STTS, NumberStyle, TtsTokenizer, detect_language, normalize_piece,
@@ -65,6 +65,11 @@ class TTSOptions:
     overlap_samples: overlap-add length between streamed chunks (official 2048 = 4 frames).
     max_codes: stop after this many frames without EOS (official 2048).
     number_style: how digits are spoken in streaming mode (official: digit by digit).
+    eager_codes: after each text chunk, also generate the frames whose codes that text already fixes (the
+        streaming mask lets audio see 10 more text tokens per 50 frames; the official loop makes only 25 per chunk)
+        in grid-aligned calls: the same codes in the same order, produced earlier. It matters when the LLM is slow
+        (CPU): speech arrives at up to 50 frames (1.07 s) per 10 text tokens instead of 25. Chunks are still
+        decoded on the official grid, so the streamed audio is the official one too, only sooner.
     early_audio: emit the final part of each streamed chunk at once instead of holding the chunk until the next
         one (WavStreamJoiner): the same waveform, but the first audio comes one TTS call (10 text tokens + 25
         frames) sooner. False = the official hold-back.
@@ -76,6 +81,7 @@ class TTSOptions:
     overlap_samples: int = OVERLAP_SAMPLES
     max_codes: int = MAX_CODES
     number_style: NumberStyle = NumberStyle.DIGITS
+    eager_codes: bool = True
     early_audio: bool = True
 
 
@@ -221,6 +227,21 @@ class TTS:
         for _ in it:
             yield np.zeros(0, dtype=np.float32)
 
+    def _chunk_calls(self, st: TtsState, chunks_prefilled: int, official_total: int) -> Iterator[int]:
+        """Sizes of the generate calls after a text chunk. Official: one call of `codes_per_call`, reaching
+        `official_total` frames. With `eager_codes`, on to every frame the prefilled text already determines
+        (beyond the official count no further than `max_codes`, which the official text phase never checks), in
+        calls that end on the official 25-frame grid so the final phase stops where the official loop stops."""
+        o, per = self.options, self.options.codes_per_call
+        if not o.eager_codes:
+            yield per
+            return
+        determined = len(st.codes) + frames_determined_by(chunks_prefilled * self.dims.text_chunk, st.cache.length,
+                                                          self.dims)
+        target = max(official_total, min(determined, o.max_codes))
+        while not st.finished and len(st.codes) < target:
+            yield min(per - len(st.codes) % per, target - len(st.codes))
+
     def _segment(self, it: Iterator[str], spk: np.ndarray, st: TtsState, sampler: CodeSampler,
                  carry: _Carry | None, computing: Callable[[], None]):
         """One official `_generate_mel_spec_audio_streaming` call; returns the roll-over carry or None."""
@@ -237,6 +258,7 @@ class TTS:
             gen_text = self.tokenizer.decode(carry.text_ids.tolist()) + carry.text_left
             decoded = len(st.codes)
         raw, rollover, stop = gen_text, False, False
+        official = len(st.codes)  # frames the official loop would have made by now (eager_codes runs ahead)
 
         def decode_new() -> np.ndarray | None:
             nonlocal decoded
@@ -261,14 +283,19 @@ class TTS:
                 rollover = True
                 break
             if n >= (chunk_idx + 1) * d.text_chunk:
-                computing()
-                begin, end = self.chunk_range(chunk_idx)
-                self.backbone.prefill_text(st.cache, ids[begin:end], begin, spk if chunk_idx == 0 else None)
-                self.generate(st, build_text_mask(n, d), o.codes_per_call, sampler)
+                if not st.finished:  # (eager_codes may have met EOS before the official loop would)
+                    computing()
+                    begin, end = self.chunk_range(chunk_idx)
+                    self.backbone.prefill_text(st.cache, ids[begin:end], begin, spk if chunk_idx == 0 else None)
                 chunk_idx += 1
-                if (out := decode_new()) is not None:
-                    yield out
-                if st.finished:
+                official += o.codes_per_call
+                for size in self._chunk_calls(st, chunk_idx, official):
+                    self.generate(st, build_text_mask(n, d), size, sampler)
+                    # decode on the official 25-frame grid only: the same chunks, hence the same audio
+                    if st.finished or len(st.codes) % o.codes_per_call == 0 or not o.eager_codes:
+                        if (out := decode_new()) is not None:
+                            yield out
+                if st.finished and official > len(st.codes):  # the official call would have met EOS by now
                     break
         if not st.finished and ids is not None:
             computing()
@@ -277,7 +304,9 @@ class TTS:
             if end > begin:
                 self.backbone.prefill_text(st.cache, ids[begin:end], begin, spk if chunk_idx == 0 else None)
             while not st.finished:
-                self.generate(st, build_text_mask(n, d), o.codes_per_call, sampler)
+                # back on the official 25-frame grid (eager calls may have stopped between grid points)
+                self.generate(st, build_text_mask(n, d), o.codes_per_call - len(st.codes) % o.codes_per_call,
+                              sampler)
                 if (out := decode_new()) is not None:
                     yield out
                 if len(st.codes) > o.max_codes:

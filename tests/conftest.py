@@ -152,3 +152,18 @@ def end_speech_after(monkeypatch, tts, frames: int) -> list[int]:
 
     monkeypatch.setattr(tts, "new_sampler", new_sampler)
     return sampled
+
+
+def never_stop(monkeypatch, ids=(100, 200, 300, 400, 500)) -> None:
+    """Make every LLM reply run to max_new_tokens: the sampler returns these ordinary ids in turn. A test about
+    long replies must not depend on when a random model, on this CPU's rounding, happens to sample a terminator."""
+
+    class Cycle:
+        def __init__(self, options):
+            self.i = 0
+
+        def __call__(self, logits, context_ids=None) -> int:
+            self.i += 1
+            return ids[(self.i - 1) % len(ids)]
+
+    monkeypatch.setattr("edge.llm.Sampler", Cycle)

@@ -421,7 +421,9 @@ def test_spoken_request_whose_speech_ends_early_keeps_its_text(engine, monkeypat
     whole reply as with speech that runs to the end, and text still arrives after the last audio."""
     from edge.sampling import SamplingOptions
     from edge.server.engine import AudioDelta, Job, TextDelta
-    from tests.conftest import end_speech_after
+    from tests.conftest import end_speech_after, never_stop
+
+    never_stop(monkeypatch)
 
     def run() -> tuple[list, object]:
         events: list = []

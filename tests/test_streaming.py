@@ -282,8 +282,9 @@ def test_streaming_generate_text_and_audio(omni):
 def test_streaming_generate_speech_that_ends_early(omni, monkeypatch):
     """The TTS ends its speech after 3 frames: the text chunks still add up to the whole decoded reply."""
     from edge.tts.generate import TTS
-    from tests.conftest import end_speech_after
+    from tests.conftest import end_speech_after, never_stop
 
+    never_stop(monkeypatch)
     tts = TTS(omni.bundle)
     sampled = end_speech_after(monkeypatch, tts, frames=3)
     sess = st.StreamingSession(omni, tts=tts)

@@ -485,7 +485,7 @@ def test_paced_sink_counts_stalls_inside_a_reply_only():
     sink.push(np.zeros(50, np.float32))  # 50 ms
     time.sleep(0.15)  # the next chunk comes ~100 ms after the first finished playing: a stall
     sink.push(np.zeros(50, np.float32))
-    assert sink.gaps == 1 and 0.08 < sink.gap_seconds < 0.5
+    assert sink.gaps == 1 and 0.08 < sink.gap_seconds < 2.0  # (loose above: a busy host oversleeps)
     sink.flush()  # reply complete
     time.sleep(0.1)
     sink.push(np.zeros(50, np.float32))  # the next reply's first chunk: not a stall

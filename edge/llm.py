@@ -281,18 +281,22 @@ class LLM:
             raise RuntimeError(f"llama.cpp returned no {'hidden state' if hidden else 'logits'} for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(n,)).copy()
 
+    def input_rows(self, segments: Sequence[Segment]) -> np.ndarray:
+        """Segments -> the (n, n_embd) rows the model reads: embedding blocks as given, token ids as their rows of
+        the GGUF's token table (`edge.token_rows`, opened at first use)."""
+        if self._token_rows is None:
+            from edge.token_rows import TokenRows
+
+            self._token_rows = TokenRows(self.path)
+        return np.concatenate([np.asarray(s, np.float32) if isinstance(s, np.ndarray) and s.ndim == 2
+                               else self._token_rows.rows(s) for s in segments])
+
     def _one_embedding_run(self, segments: Sequence[Segment]) -> Sequence[Segment]:
         """Mixed token/embedding segments -> one (n, n_embd) array (positions unchanged; the cache keys were
         taken from the original segments). Text-only prompts stay token batches."""
         if not any(isinstance(s, np.ndarray) and s.ndim == 2 for s in segments) or len(segments) < 2:
             return segments
-        if self._token_rows is None:
-            from edge.token_rows import TokenRows
-
-            self._token_rows = TokenRows(self.path)
-        rows = [np.asarray(s, np.float32) if isinstance(s, np.ndarray) and s.ndim == 2 else self._token_rows.rows(s)
-                for s in segments]
-        return [np.concatenate(rows)]
+        return [self.input_rows(segments)]
 
     def _chunks(self, lo: int, hi: int, hidden_set: set[int]) -> Iterator[tuple[int, int]]:
         """[c0, c1) decode ranges of at most n_batch positions; each requested hidden position is its own chunk."""

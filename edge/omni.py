@@ -294,14 +294,7 @@ class Omni:
 
     def token_embeddings(self, segments) -> np.ndarray:
         """Segments (token-id runs and embedding blocks) -> (S, hidden) rows, as the LLM sees them."""
-        from edge.token_rows import TokenRows
-
-        table = TokenRows(self.bundle.file(keys.PART_LLM, "model"))
-        try:
-            return np.concatenate([np.asarray(s, dtype=np.float32) if isinstance(s, np.ndarray) else table.rows(s)
-                                   for s in segments])
-        finally:
-            table.close()
+        return self.llm.input_rows(segments)
 
     def prefill_logits(self, msgs, *, all_positions: bool = False, **chat_kwargs) -> np.ndarray:
         """Logits of the prefill `chat()` runs: the last position (or every position with all_positions)."""

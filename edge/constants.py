@@ -25,3 +25,9 @@ def bundles_dir() -> Path:
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+# --- rates and units of the model's I/O (one definition for the whole package) ------------------------------------
+AUDIO_SAMPLE_RATE = 16_000  # what the Whisper encoder takes (spec §2.3)
+TTS_SAMPLE_RATE = 24_000  # what Vocos produces (spec §3.4)
+UNIT_SECONDS = 1.0  # one time-division unit of the official streaming demo (5 x 200-ms packets, spec §4.2)
+UNIT_SAMPLES = int(AUDIO_SAMPLE_RATE * UNIT_SECONDS)

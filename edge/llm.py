@@ -21,7 +21,10 @@ import numpy as np
 
 from edge.errors import (ContextLengthExceededError, CorruptModelFileError, InvalidInputError,
                          ModelFilesNotFoundError)
+from edge.options import LLMOptions
 from edge.sampling import Sampler, SamplingOptions
+
+__all__ = ["LLM", "LLMOptions", "TokenEvent", "check_gguf_file"]
 
 Segment = Union[Sequence[int], np.ndarray]  # token ids (1-D ints) or embeddings (2-D float32, n x hidden)
 
@@ -43,48 +46,6 @@ def _set_fields(struct, **values) -> None:
         setattr(struct, k, v)
 
 
-@dataclass(frozen=True)
-class LLMOptions:
-    """Attributes:
-    n_ctx: context length in tokens (KV cache size). 4096 fits a multi-image chat; live sessions want more.
-    n_batch: tokens per llama_decode call during prefill.
-    n_threads / n_threads_batch: decode / prefill threads (0 = all cores).
-    kv_type: KV cache element type; "f32" for exact parity tests, "f16" halves KV memory.
-    flash_attn: "auto" | "on" | "off" (off for exact parity).
-    use_mmap: map the GGUF (True) or read it into llama.cpp's buffers (False).
-    repack: let llama.cpp's CPU backend repack weights into its faster layouts (`use_extra_bufts`); with mmap
-        this keeps both the mapped file and the repacked copy resident (see bench/memory.py).
-    n_gpu_layers: layers offloaded to Metal/CUDA when the wheel has them.
-    text_as_embeddings: an appended prompt (`prefill(reuse=False)`, the streaming path) that holds media rows
-        goes in as one embedding batch, its text tokens as their rows of the token table (`edge.token_rows`):
-        llama.cpp batches are tokens or embeddings, and each extra call reads every weight once (a live audio
-        unit: 3 calls -> 1). Not with prefix reuse: the batch would start wherever the cached prefix ends, and
-        batch composition changes float rounding, so a seeded reply would depend on the request before it.
-    verbose: let llama.cpp print its load/decode log (errors are always shown).
-    """
-
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_threads: int = 0
-    n_threads_batch: int = 0
-    kv_type: str = "f16"
-    flash_attn: str = "auto"
-    # Measured on the Qwen2.5-7B-shaped Q4_K_M (bench/results/memory-20261128T071956Z.json): mmap + repack peaks
-    # at 7.47 GiB (mapped pages and the repacked copy both resident); reading into buffers + repack peaks at 4.60 GiB
-    # at the same decode speed (4.5 vs 4.4 tok/s) for ~5 s more load time; mmap without repack is 4.60 GiB but
-    # ~12% slower to decode. Hence: read, repack.
-    use_mmap: bool = False
-    repack: bool = True
-    n_gpu_layers: int = 0
-    text_as_embeddings: bool = True
-    verbose: bool = False
-
-    @classmethod
-    def exact(cls, **kw) -> "LLMOptions":
-        """Settings for numeric parity with transformers (f32 KV, no flash attention)."""
-        return cls(kv_type="f32", flash_attn="off", **kw)
-
-
 @dataclass
 class TokenEvent:
     """One generated token: its id, the text it completes (UTF-8 safe, may be ''), and optionally its hidden state."""
@@ -92,13 +53,6 @@ class TokenEvent:
     token: int
     text: str
     hidden: np.ndarray | None = None
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = ""  # "stop" | "length" | "context" | "interrupted"
 
 
 def check_gguf_file(path: Path) -> None:

@@ -17,7 +17,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import get_type_hints
 
+from edge import keys
 from edge.errors import EdgeError
+from edge.onnx_session import OrtOptions
+from edge.options import LLMOptions, OmniOptions, ThreadSplit
 
 log = logging.getLogger("edge.profiles")
 
@@ -177,8 +180,6 @@ class Profile:
 
     def for_bundle(self, bundle) -> "Profile":
         """Fall back to fp32 for a part whose int8 graphs the bundle does not have (converted with --no-int8)."""
-        from edge import keys
-
         changes = {}
         for part, name in ((keys.PART_VISION, "vision_variant"), (keys.PART_AUDIO, "audio_variant"),
                            (keys.PART_TTS, "tts_variant")):
@@ -190,22 +191,16 @@ class Profile:
         return replace(self, **changes) if changes else self
 
     def llm_options(self, **kw):
-        from edge.llm import LLMOptions
-
         return LLMOptions(n_ctx=self.n_ctx, n_threads=self.llm_threads,
                           n_threads_batch=self.llm_batch_threads or self.llm_threads,
                           kv_type=self.kv_type, use_mmap=self.use_mmap, repack=self.repack,
                           n_gpu_layers=self.n_gpu_layers, **kw)
 
     def ort_options(self, **kw):
-        from edge.onnx_session import OrtOptions
-
         return OrtOptions(intra_op_threads=self.ort_threads, providers=self.ort_providers or None, **kw)
 
     def omni_options(self, *, ort=None):
         """`OmniOptions` for `Omni`: LLM, onnxruntime, ONNX variants and image slices of this profile."""
-        from edge.omni import OmniOptions
-
         ort = ort or self.ort_options()
         encoders = None
         if self.llm_batch_threads > ort.intra_op_threads > 0:
@@ -231,8 +226,6 @@ class Profile:
                      f"RAM, {hw.available_bytes / GIB:.1f} GiB available{', CUDA' if hw.cuda else ''}")
         quant = self.llm_quant
         if bundle is not None:
-            from edge import keys
-
             have = bundle.part(keys.PART_LLM).meta.get("quant")
             if have and have != self.llm_quant:
                 quant = f"{have} (profile suggests {self.llm_quant})"
@@ -256,9 +249,7 @@ def _profile(name: str, reasons: dict, **kw) -> Profile:
 
 def _live_split(cores: int) -> dict:
     """Live mode overlaps LLM decode with the TTS, so their threads must not add up beyond the cores
-    (measured on 2 cores: see `edge.orchestrator.ThreadSplit`)."""
-    from edge.orchestrator import ThreadSplit
-
+    (measured on 2 cores: see `edge.options.ThreadSplit`)."""
     s = ThreadSplit.for_cores(cores)
     return {"live_llm_threads": s.llm_threads, "live_ort_threads": s.ort_threads}
 
@@ -435,8 +426,6 @@ def estimate_memory(bundle, profile: Profile, *, parts: tuple[str, ...] = ("visi
     """Peak resident bytes for loading `bundle` under `profile` and running chunked (streamed) speech.
     Not covered: one-shot `synthesize` of a long reply decodes all its frames at once, which adds working memory
     proportional to the reply (measured on the tiny bundle: ~+300 MB for the 2048-frame maximum)."""
-    from edge import keys
-
     llm_file = bundle.part(keys.PART_LLM).files["model"].bytes
     dims = bundle.dims.get("llm") or bundle.part(keys.PART_LLM).meta.get("dims", {})
     n_layers = int(dims.get("num_hidden_layers", 0))

@@ -7,9 +7,17 @@ the cost (~1-3 ms per token on a 152k vocab) is small next to a 7B decode step.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+
+from edge.errors import InvalidInputError
+
+# Official `chat(sampling=False)` is beam search (3 beams, repetition penalty 1.2, spec §10). We decode greedily
+# with that penalty: same spirit (deterministic), a fraction of the cost on a CPU. Documented, not hidden.
+GREEDY_REPETITION_PENALTY = 1.2
+OVERRIDABLE = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,21 @@ class SamplingOptions:
     @classmethod
     def greedy_decoding(cls) -> "SamplingOptions":
         return cls(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, greedy=True)
+
+
+def official_sampling(sampling: bool = True, seed: int | None = None, **overrides) -> SamplingOptions:
+    """The official `chat()` / `streaming_generate()` presets: sampling=True -> top-p 0.8, top-k 100, temperature
+    0.7, repetition penalty 1.05; sampling=False -> greedy with repetition penalty 1.2 (officially a 3-beam
+    search). `overrides` (temperature, top_p, top_k, repetition_penalty; None = keep) replace preset values."""
+    bad = set(overrides) - set(OVERRIDABLE)
+    if bad:
+        raise InvalidInputError(f"unknown sampling option(s) {sorted(bad)}; allowed: {sorted(OVERRIDABLE)}.")
+    if sampling:
+        base = SamplingOptions(seed=seed)
+    else:
+        base = SamplingOptions(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=GREEDY_REPETITION_PENALTY,
+                               greedy=True, seed=seed)
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 class Sampler:

@@ -171,13 +171,14 @@ class TTS:
         return np.stack(new) if new else np.zeros((0, self.dims.num_vq), dtype=np.int64)
 
     # --- non-streaming --------------------------------------------------------------------------------------------
-    def synthesize_codes(self, text: str, spk_hidden: np.ndarray) -> np.ndarray:
+    def synthesize_codes(self, text: str, spk_hidden: np.ndarray,
+                         sampling: SamplingOptions | None = None) -> np.ndarray:
         """`_generate_mel_spec`: every text chunk (padding included), 25 frames each, then until EOS/max. The text
         between `<|tts_bos|>` and `<|tts_eos|>` is spoken when those markers are present (as official)."""
         ids, n = self.prompt_ids(text.split(keys.TTS_BOS)[-1].split(keys.TTS_EOS)[0])
         mask = build_text_mask(n, self.dims)
         spk = self.speaker_embedding(spk_hidden)
-        st, sampler, per = self.new_state(), self.new_sampler(), self.options.codes_per_call
+        st, sampler, per = self.new_state(), self.new_sampler(sampling), self.options.codes_per_call
         for chunk in range(math.ceil(self.dims.condition_length / self.dims.text_chunk)):
             begin, end = self.chunk_range(chunk)
             if end > begin:
@@ -189,9 +190,9 @@ class TTS:
             self.generate(st, mask, per, sampler)
         return np.stack(st.codes) if st.codes else np.zeros((0, self.dims.num_vq), np.int64)
 
-    def synthesize(self, text: str, spk_hidden: np.ndarray) -> np.ndarray:
+    def synthesize(self, text: str, spk_hidden: np.ndarray, sampling: SamplingOptions | None = None) -> np.ndarray:
         """Whole waveform (float32, `sample_rate` Hz) of `text` spoken with the speaker of `spk_hidden`."""
-        codes = self.synthesize_codes(text, spk_hidden)
+        codes = self.synthesize_codes(text, spk_hidden, sampling)
         if codes.shape[0] == 0:
             return np.zeros(0, np.float32)
         return self.decoder.codes_to_wav(codes)
@@ -199,7 +200,8 @@ class TTS:
     # --- streaming ------------------------------------------------------------------------------------------------
     def stream(self, pieces: Iterable[str], spk_hidden: np.ndarray,
                states: list[TtsState] | None = None,
-               on_compute: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
+               on_compute: Callable[[], None] | None = None,
+               sampling: SamplingOptions | None = None) -> Iterator[np.ndarray]:
         """Yield float32 24 kHz chunks while LLM text `pieces` arrive (see the module docstring).
 
         `pieces` is always read to the end: once the speech has ended (EOS code, or an empty piece opening a new
@@ -207,9 +209,12 @@ class TTS:
         none of it and a producer feeding a bounded queue never blocks.
         Pass a list as `states` to get each segment's state (codes, chunk boundaries) appended to it.
         `on_compute` is called once, just before the first TTS computation (the first text chunk needs 10 text
-        tokens): until then the TTS only waits, and a caller can lend its cores to the LLM's decode."""
+        tokens): until then the TTS only waits, and a caller can lend its cores to the LLM's decode.
+        `sampling` replaces `options.sampling` for this utterance (e.g. a request's seed).
+        While it waits for text, the stream yields an empty chunk per piece it has read, so a caller in the same
+        thread can show the text as it arrives."""
         spk = self.speaker_embedding(spk_hidden)
-        it, sampler, carry = iter(pieces), self.new_sampler(), None
+        it, sampler, carry = iter(pieces), self.new_sampler(sampling), None
 
         def computing() -> None:
             nonlocal on_compute
@@ -257,7 +262,7 @@ class TTS:
             chunk_idx = carry.text_ids.size // d.text_chunk
             gen_text = self.tokenizer.decode(carry.text_ids.tolist()) + carry.text_left
             decoded = len(st.codes)
-        raw, rollover, stop = gen_text, False, False
+        raw, rollover, stop, emitted = gen_text, False, False, False
         official = len(st.codes)  # frames the official loop would have made by now (eager_codes runs ahead)
 
         def decode_new() -> np.ndarray | None:
@@ -294,9 +299,13 @@ class TTS:
                     # decode on the official 25-frame grid only: the same chunks, hence the same audio
                     if st.finished or len(st.codes) % o.codes_per_call == 0 or not o.eager_codes:
                         if (out := decode_new()) is not None:
+                            emitted = True
                             yield out
                 if st.finished and official > len(st.codes):  # the official call would have met EOS by now
                     break
+            if not emitted:
+                yield np.zeros(0, dtype=np.float32)  # one item per piece read: callers show text as it comes
+            emitted = False
         if not st.finished and ids is not None:
             computing()
             begin = self.chunk_range(chunk_idx)[0]

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge.constants import AUDIO_SAMPLE_RATE
 from edge.errors import InvalidInputError
 
 # preprocessor_config.json of openbmb/MiniCPM-o-2_6 (WhisperFeatureExtractor settings).
-SAMPLE_RATE = 16_000
+SAMPLE_RATE = AUDIO_SAMPLE_RATE
 N_FFT = 400
 HOP_LENGTH = 160
 N_MELS = 80

@@ -1,7 +1,7 @@
 """`minicpmo-edge chat`: an interactive terminal chat with images, audio, video, a cloned voice and spoken replies.
 
-It runs the same engine as the server (`edge.server.engine`, which needs no web stack) in this process: replies
-stream token by token, and with --speak (or --save-audio) the reply is spoken as it is generated. Files given on
+It runs one conversation (`edge.session.Session`) on the model in this process: replies stream token by token,
+and with --speak (or --save-audio) the reply is spoken as it is generated. Files given on
 the command line are attached to the first turn; `/image`, `/audio`, `/video` attach files to the next turn.
 Ctrl-C stops the reply in progress; Ctrl-D or /exit leaves.
 """
@@ -13,6 +13,25 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
+
+import numpy as np
+
+from edge.constants import RANDOM_WEIGHTS_NOTICE
+from edge.content import FRAME_PROMPT
+from edge.default_bundle import resolve_bundle
+from edge.errors import EdgeError
+from edge.events import AudioChunk, Finished, TextDelta
+from edge.io.audio import load_audio
+from edge.io.images import load_image
+from edge.io.speaker import SpeakerSink, write_wav
+from edge.io.video import VideoOptions, load_video
+from edge.omni import Omni
+from edge.onnx_session import OrtOptions
+from edge.options import LLMOptions, OmniOptions
+from edge.profiles import start_profile
+from edge.sampling import SamplingOptions
+from edge.session import ReplyOptions, SpeechOptions
+from edge.voice import clone_message
 
 HELP = ("commands: /image PATH, /audio PATH, /video PATH (attach to the next turn), /reset (forget the "
         "conversation), /help, /exit")
@@ -53,33 +72,34 @@ class _Turn:
     video: bool = False
 
 
+DEFAULT_N_CTX = 4096  # context without a device profile (the laptop profile's n_ctx)
+
+
+def load_model(options: ChatOptions) -> Omni:
+    """The model for a terminal chat: the device profile's settings when one is named, else plain defaults."""
+    bundle = resolve_bundle(options.bundle)
+    if options.profile is None and not options.overrides:
+        return Omni.load(bundle, OmniOptions(llm=LLMOptions(n_ctx=DEFAULT_N_CTX, n_threads=options.threads),
+                                             ort=OrtOptions(intra_op_threads=options.threads)))
+    prof, hw = start_profile(bundle, options.profile, options.overrides, threads=options.threads)
+    return Omni.load(bundle, profile=prof, hardware=hw)
+
+
 class ChatSession:
-    """The conversation state and one engine; `ask(text)` answers a turn and returns the reply text."""
+    """The conversation state on one model; `ask(text)` answers a turn and returns the reply text."""
 
     def __init__(self, options: ChatOptions, out: TextIO = sys.stdout):
-        from edge.server.engine import Engine
-        from edge.server.settings import ServerSettings
-
         self.o, self.out = options, out
-        self.engine = Engine.load(ServerSettings(bundle=options.bundle, threads=options.threads,
-                                                 max_tokens=max(options.max_tokens, 1),
-                                                 max_video_frames=options.max_video_frames,
-                                                 profile=options.profile, overrides=tuple(options.overrides)))
+        self.omni = load_model(options)
+        self.session = self.omni.new_session()
         self.history: list[dict] = []
         self.has_video = False
         self.pending = _Turn()
         self.replies = 0
-        self.voice: list[dict] = []
-        if options.voice:
-            from edge.io.audio import load_audio
-            from edge.server.engine import clone_voice_message
-
-            self.voice = [clone_voice_message(load_audio(options.voice))]
+        self.voice: list[dict] = [clone_message(load_audio(options.voice))] if options.voice else []
         self.sink = None
         if options.speak:
             try:
-                from edge.io.speaker import SpeakerSink
-
                 self.sink = SpeakerSink()
             except Exception as e:
                 raise RuntimeError(f"cannot open an audio output device ({e}); use --save-audio DIR instead of "
@@ -97,16 +117,10 @@ class ChatSession:
 
     def attach(self, kind: str, path: str) -> None:
         if kind == "image":
-            from edge.io.images import load_image
-
             self.pending.content.append(load_image(Path(path)))
         elif kind == "audio":
-            from edge.io.audio import load_audio
-
             self.pending.content.append(load_audio(Path(path)))
         elif kind == "video":
-            from edge.io.video import VideoOptions, load_video
-
             frames = load_video(Path(path), VideoOptions(max_frames=self.o.max_video_frames)).frames
             self.pending.content.extend(frames)
             self.pending.video = True
@@ -118,11 +132,6 @@ class ChatSession:
         self.has_video = False
 
     def ask(self, text: str, cancel: threading.Event | None = None) -> str:
-        import numpy as np
-
-        from edge.sampling import SamplingOptions
-        from edge.server.engine import AudioDelta, Job, TextDelta
-
         turn, self.pending = self.pending, _Turn()
         user = {"role": "user", "content": turn.content + ([text] if text else [])}
         self.has_video = self.has_video or turn.video
@@ -132,48 +141,44 @@ class ChatSession:
         if self.o.temperature is not None:
             sampling = SamplingOptions(seed=self.o.seed, temperature=self.o.temperature,
                                        greedy=self.o.temperature == 0)
-        job = Job(messages=msgs, sampling=sampling, max_new_tokens=self.o.max_tokens, speak=self.speaking,
-                  stream_audio=self.speaking, tts_seed=self.o.seed,
-                  prompt_kwargs={"max_slice_nums": 1, "use_image_id": False} if self.has_video else {})
+        prompt = self.omni.build_prompt(msgs, use_tts_template=self.speaking,
+                                        **(FRAME_PROMPT if self.has_video else {}))
+        options = ReplyOptions(sampling, max_new_tokens=max(self.o.max_tokens, 1),
+                               speech=SpeechOptions(seed=self.o.seed) if self.speaking else None)
         audio: list = []
-
-        def on_event(ev) -> None:
+        finished = None
+        for ev in self.session.reply(options, prompt=prompt, replace=True, cancel=cancel):
             if isinstance(ev, TextDelta):
                 self.out.write(ev.text)
                 self.out.flush()
-            elif isinstance(ev, AudioDelta):
+            elif isinstance(ev, AudioChunk):
                 audio.append(ev.pcm)
                 if self.sink is not None:
                     self.sink.push(ev.pcm)
-
-        finished = self.engine.run_sync(job, on_event, cancel)
+            elif isinstance(ev, Finished):
+                finished = ev
         self.out.write("\n")
         self.history += [user, {"role": "assistant", "content": finished.text}]
         self.replies += 1
         if self.sink is not None:
             self.sink.flush()
         if self.o.save_audio and audio:
-            from edge.io.speaker import write_wav
-
             path = Path(self.o.save_audio) / f"reply-{self.replies}.wav"
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_wav(path, np.concatenate(audio), self.engine.omni.tts.sample_rate)
+            write_wav(path, np.concatenate(audio), self.omni.tts.sample_rate)
             self.out.write(f"[speech: {path}]\n")
         return finished.text
 
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
-        self.engine.close()
+        self.omni.close()
 
 
 def run_chat(options: ChatOptions, *, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
     """The read-eval-print loop."""
-    from edge.demo import RANDOM_WEIGHTS_NOTICE
-    from edge.errors import EdgeError
-
     session = ChatSession(options, out)
-    b = session.engine.omni.bundle
+    b = session.omni.bundle
     out.write(f"bundle: {b.root} ({b.source.get('name')})\n")
     if b.random_weights:
         out.write(RANDOM_WEIGHTS_NOTICE + "\n")

@@ -31,3 +31,6 @@ AUDIO_SAMPLE_RATE = 16_000  # what the Whisper encoder takes (spec §2.3)
 TTS_SAMPLE_RATE = 24_000  # what Vocos produces (spec §3.4)
 UNIT_SECONDS = 1.0  # one time-division unit of the official streaming demo (5 x 200-ms packets, spec §4.2)
 UNIT_SAMPLES = int(AUDIO_SAMPLE_RATE * UNIT_SECONDS)
+
+RANDOM_WEIGHTS_NOTICE = ("NOTE: this bundle has RANDOM weights (synthetic checkpoint). Its words and speech are "
+                         "noise; what it shows is the pipeline and its speed. Real weights: `minicpmo-edge pull`.")

@@ -11,18 +11,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
+
+from edge.constants import AUDIO_SAMPLE_RATE, RANDOM_WEIGHTS_NOTICE
+from edge.default_bundle import resolve_bundle
+from edge.events import AudioChunk, PromptReady, TextDelta
+from edge.io.speaker import write_wav
+from edge.omni import Omni
+from edge.profiles import start_profile
+from edge.sampling import SamplingOptions
+from edge.session import ReplyOptions, SpeechOptions
 
 DEMO_QUESTION_SECONDS = 2.0
 DEMO_IMAGE_SIZE = (896, 560)  # W, H: sliced into a grid like a phone photo would be
 DEMO_MAX_NEW_TOKENS = 48
-RANDOM_WEIGHTS_NOTICE = ("NOTE: this bundle has RANDOM weights (synthetic checkpoint). Its words and speech are "
-                         "noise; what it shows is the pipeline and its speed. Real weights: `minicpmo-edge pull`.")
 
 
 def demo_image():
     """A drawn scene (sky, sun, house, grass): no file needed, same pixels every run."""
-    from PIL import Image, ImageDraw
-
     w, h = DEMO_IMAGE_SIZE
     img = Image.new("RGB", (w, h))
     d = ImageDraw.Draw(img)
@@ -36,7 +42,7 @@ def demo_image():
     return img
 
 
-def demo_question(sr: int = 16000) -> np.ndarray:
+def demo_question(sr: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
     """A voiced, speech-like 2-s signal (glottal pulse train through vowel formants), standing in for a spoken
     question when no microphone or file is given."""
     n = int(DEMO_QUESTION_SECONDS * sr)
@@ -73,11 +79,6 @@ def run_demo(bundle=None, *, speak: bool = True, output_audio: str | Path = "dem
              question: str = "What is in the picture? Answer the spoken question too.") -> dict:
     """`profile`: a device profile name or Profile (see edge.profiles), `overrides`: its `--set` values;
     `threads` (0 = the profile's) sets both llama.cpp and onnxruntime threads."""
-    from edge.default_bundle import resolve_bundle
-    from edge.omni import Omni
-    from edge.profiles import start_profile
-    from edge.sampling import SamplingOptions
-
     tm = Timings()
     t0 = time.perf_counter()
     b = resolve_bundle(bundle)
@@ -94,43 +95,40 @@ def run_demo(bundle=None, *, speak: bool = True, output_audio: str | Path = "dem
     t = time.perf_counter()
     prompt = omni.build_prompt(msgs, use_tts_template=speak)
     tm.add("preprocess + prompt", time.perf_counter() - t)
+    session = omni.new_session()
     t = time.perf_counter()
-    embeds = omni.media_embeddings(prompt)
+    embeds = session.encode(prompt)
     tm.add("encode image + audio (ONNX)", time.perf_counter() - t)
-    segs = omni.segments(prompt, embeds)
-    spk_pos = [prompt.spk_bounds[-1][0]] if (speak and prompt.spk_bounds) else []
+    options = ReplyOptions(SamplingOptions(seed=0), max_new_tokens=DEMO_MAX_NEW_TOKENS,
+                           speech=SpeechOptions(mode="whole") if speak else None)
     t = time.perf_counter()
-    omni.llm.reset()
-    last, hidden = omni.llm.prefill(segs, hidden_positions=spk_pos)
-    tm.add(f"LLM prefill ({len(prompt.ids)} tokens)", time.perf_counter() - t)
-    print("assistant: ", end="", flush=True)
-    t = time.perf_counter()
-    first = None
-    text, n_tok = [], 0
-    for ev in omni.llm.generate(last, SamplingOptions(seed=0), max_new_tokens=DEMO_MAX_NEW_TOKENS,
-                                stop_ids=omni.stop_ids()):
-        if first is None:
-            first = time.perf_counter() - t
-        if ev.token in omni.stop_ids():
-            break
-        n_tok += 1
-        text.append(ev.text)
-        print(ev.text, end="", flush=True)
-    dt = time.perf_counter() - t
+    wave, finished, prefill_end = [], None, None
+    for ev in session.reply(options, prompt=prompt, embeds=embeds, replace=True):
+        if isinstance(ev, PromptReady):
+            prefill_end = time.perf_counter()
+            tm.add(f"LLM prefill ({ev.prompt_tokens} tokens)", prefill_end - t)
+            print("assistant: ", end="", flush=True)
+        elif isinstance(ev, TextDelta):
+            print(ev.text, end="", flush=True)
+        elif isinstance(ev, AudioChunk):
+            wave.append(ev.pcm)
+        else:
+            finished = ev
     print()
-    tm.add("LLM first token", first or 0.0)
+    timing, n_tok = finished.timing, finished.completion_tokens
+    start = prefill_end - t
+    decode_end = timing.decode_end if timing.decode_end is not None else start
+    dt = decode_end - start
+    tm.add("LLM first token", (timing.first_token - start) if timing.first_token is not None else 0.0)
     tm.add(f"LLM decode ({n_tok} tokens, {n_tok / max(dt, 1e-9):.1f} tok/s)", dt)
-    result = {"text": "".join(text), "tokens": n_tok, "timings": tm.stages, "random_weights": omni.random_weights,
+    result = {"text": finished.text, "tokens": n_tok, "timings": tm.stages, "random_weights": omni.random_weights,
               "profile": prof}
     if speak:
-        from edge.io.speaker import write_wav
-
-        t = time.perf_counter()
-        wave, sr = omni.speak(result["text"], hidden.get(spk_pos[0]) if spk_pos else None)
-        el = time.perf_counter() - t
-        secs = len(wave) / sr
+        speech = np.concatenate(wave) if wave else np.zeros(0, np.float32)
+        sr = omni.tts.sample_rate
+        el, secs = timing.total - decode_end, len(speech) / sr
         tm.add(f"TTS ({secs:.2f} s audio, RTF {el / max(secs, 1e-9):.2f})", el)
-        write_wav(output_audio, wave, sr)
+        write_wav(output_audio, speech, sr)
         print(f"speech: {output_audio} ({secs:.2f} s, {sr} Hz)")
         result["audio_path"] = str(output_audio)
     print("latency breakdown:\n" + tm.report())

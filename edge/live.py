@@ -11,6 +11,17 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.constants import RANDOM_WEIGHTS_NOTICE, TTS_SAMPLE_RATE
+from edge.default_bundle import resolve_bundle
+from edge.governor import GovernorOptions, RealtimeGovernor
+from edge.io.camera import Camera, CameraOptions
+from edge.io.microphone import FileMicrophone, MicOptions, MicrophoneSource, make_vad
+from edge.io.speaker import SpeakerOptions, SpeakerSink, WavSink
+from edge.omni import Omni
+from edge.orchestrator import LiveOptions, Orchestrator, PacedSink
+from edge.profiles import start_profile
+from edge.streaming import StreamingSession
+
 @dataclass
 class LiveArgs:
     """Attributes mirror the command line (see `add_live_arguments`)."""
@@ -82,15 +93,6 @@ class StatusLine:
 
 
 def run_live(a: LiveArgs, *, status: StatusLine | None = None):
-    from edge.default_bundle import resolve_bundle
-    from edge.demo import RANDOM_WEIGHTS_NOTICE
-    from edge.governor import GovernorOptions, RealtimeGovernor
-    from edge.io.microphone import FileMicrophone, MicOptions, MicrophoneSource, make_vad
-    from edge.omni import Omni
-    from edge.orchestrator import LiveOptions, Orchestrator
-    from edge.profiles import start_profile
-    from edge.streaming import StreamingSession
-
     status = status or StatusLine()
     bundle = resolve_bundle(a.bundle)
     print(f"bundle: {bundle.root}")
@@ -110,8 +112,6 @@ def run_live(a: LiveArgs, *, status: StatusLine | None = None):
             dev = int(a.mic) if a.mic and a.mic.isdigit() else a.mic
             source = MicrophoneSource(MicOptions(device=dev))
         if not a.no_camera:
-            from edge.io.camera import Camera, CameraOptions
-
             try:
                 side = prof.live_frame_max_side  # asked of a device (4:3); frames above it are shrunk anyway
                 cam = _SizedCamera(Camera(CameraOptions(source=a.camera, speed=a.speed, width=side,
@@ -165,17 +165,14 @@ class _SizedCamera:
 
 
 def _make_sink(a: LiveArgs, omni):
-    from edge.io.speaker import SpeakerOptions, SpeakerSink, WavSink
-    from edge.orchestrator import PacedSink
-
     if a.output_wav:
-        return PacedSink(WavSink(Path(a.output_wav)), 24000, speed=a.speed)
+        return PacedSink(WavSink(Path(a.output_wav)), TTS_SAMPLE_RATE, speed=a.speed)
     dev = int(a.speaker) if a.speaker and a.speaker.isdigit() else a.speaker
     try:
         return SpeakerSink(SpeakerOptions(device=dev))
     except RuntimeError as e:
         print(f"{e}\nreplies are written to live-reply.wav instead")
-        return PacedSink(WavSink(Path("live-reply.wav")), 24000)
+        return PacedSink(WavSink(Path("live-reply.wav")), TTS_SAMPLE_RATE)
 
 
 def _print_summary(result) -> None:

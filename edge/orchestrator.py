@@ -7,14 +7,15 @@ Threads (all started and joined here; bounded queues between them):
 - control (the caller's thread in `run()`): the turn state machine (edge/turns.py); cuts the utterance into 1-s
   units and prefills each as it arrives (encoders + LLM), so at end of turn only the last partial unit and the
   generation prompt are left; starts, interrupts and finishes replies.
-- reply LLM thread: generation prompt prefill + decode; text pieces of 3 tokens go to a bounded queue.
-- reply TTS thread: consumes pieces while they arrive (`TTS.stream`), pushes 24 kHz chunks to the sink.
-  With `overlap=False` the TTS starts only after the last token (stages in sequence, for measurement).
+- reply thread: the session's turn loop (`Session.reply` with speech mode "overlap"): generation prompt prefill +
+  decode here, the TTS on a thread of its own fed 3-token pieces through a bounded queue, audio handed back between
+  tokens and pushed to the sink; then it waits for playback. With `overlap=False` the TTS starts only after the last
+  token (stages in sequence, for measurement).
 onnxruntime and llama.cpp release the GIL, so decode and TTS really run in parallel; their thread counts are set
-apart (`ThreadSplit`) so they do not fight over cores.
+apart (`edge.options.ThreadSplit`) so they do not fight over cores.
 
 Barge-in: the VAD's speech start during a reply sets the stop event (checked before every LLM token and every
-TTS piece), drops queued playback at once (`sink.interrupt()`), and joins the reply threads before the new
+TTS piece), drops queued playback at once (`sink.interrupt()`), and joins the reply thread before the new
 utterance is prefilled; the time from the decision to "both threads stopped" is traced (`stop_ms`).
 
 Faults end or degrade the session with a message on `status` and in `result.errors`, never with a hanging
@@ -37,45 +38,19 @@ from typing import Callable
 import numpy as np
 
 from edge import turns as tt
+from edge.events import AudioChunk, Finished, PromptReady, TextDelta
 from edge.governor import RealtimeGovernor
-from edge.io.microphone import PREROLL_MARGIN_SECONDS, UnitAssembler, VadSegmenter
-from edge.streaming import StreamingSession, stream_sampling
+from edge.io.microphone import PREROLL_MARGIN_SECONDS, UnitAssembler, VadSegmenter, make_vad
+from edge.sampling import official_sampling
+from edge.session import POLL_SECONDS, SpeechOptions
+from edge.streaming import StreamingSession
+from edge.voice import OMNI_INSTRUCTIONS
 
 log = logging.getLogger("edge.orchestrator")
 
 EVENT_QUEUE_PACKETS = 256  # ~8 s of 32-ms packets between capture and control
-PIECE_QUEUE = 8  # text pieces (3 tokens each) between decode and TTS: LLM runs ahead at most ~24 tokens
 MIN_RATE_TOKENS = 8  # a system prompt shorter than this says too little about the LLM's prefill rate
-POLL_SECONDS = 0.05  # how often blocked threads look at the stop flags (bounds barge-in reaction)
 JOIN_SECONDS = 5.0  # a reply thread that does not stop within this is reported (never silently leaked)
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. You can accept video, audio and text input and output voice " \
-                        "and text."  # official get_sys_prompt(mode="omni", language="en") without the voice clause
-
-
-@dataclass(frozen=True)
-class ThreadSplit:
-    """CPU threads for llama.cpp and for onnxruntime (encoders, TTS, VAD).
-
-    During a reply, LLM decode and TTS run at the same time, so their sum should not exceed the cores.
-    2 cores -> 1 + 1, measured: on a busy 2-core box llama.cpp with 2 (spinning) threads took 0.5-8.4 s to
-    prefill one 98-token unit of the tiny bundle, with 1 thread 40-100 ms. 4 cores -> 2 + 2 and 8 cores -> 5 + 3
-    are NOT measured yet (rule of thumb: decode is memory-bound and stops scaling near 4-6 threads, the TTS
-    step is small); run bench/e2e.py --threads LLM,ORT on such a box to confirm.
-    Prefill (a unit, the generation prompt) never overlaps the TTS, so live mode gives it llm + ort threads
-    (`Profile.llm_batch_threads`): on the full-shape Q4_K_M bundle, 2 cores, a camera unit's 94-token prefill took
-    11.0 s with 1 thread and 5.8 s with 2."""
-
-    llm_threads: int
-    ort_threads: int
-
-    @classmethod
-    def for_cores(cls, cores: int | None = None) -> "ThreadSplit":
-        n = cores or os.cpu_count() or 1
-        if n <= 2:
-            return cls(1, 1)
-        if n <= 4:
-            return cls(2, 2)
-        return cls(max(1, n - 3), 3)
 
 
 @dataclass(frozen=True)
@@ -97,7 +72,7 @@ class LiveOptions:
     max_new_tokens: int = 128
     sampling: bool = True
     seed: int | None = None
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str = OMNI_INSTRUCTIONS
     voice: np.ndarray | None = None
     session_id: str = "live"
     mic_timeout_seconds: float = 2.0
@@ -212,159 +187,76 @@ class PacedSink:
 
 
 class _Reply:
-    """One reply: decode thread + TTS thread (+ a waiter for playback), with a stop event."""
+    """One reply on a thread of its own: the session's turn loop (decode + overlapped TTS), then playback."""
 
     def __init__(self, orch: "Orchestrator", rid: int, trace: TurnTrace):
         self.o, self.id, self.trace = orch, rid, trace
         self.stop = threading.Event()
-        self.pieces: queue.Queue = queue.Queue(PIECE_QUEUE)
         self.completed = False
         self.tokens: list[int] = []
-        self.spk: np.ndarray | None = None
-        self.threads: list[threading.Thread] = []
-        self._spk_ready = threading.Event()
-        self._tts_computing = threading.Event()  # the TTS has started its first step (see _lend_cores)
-        self._llm_done = threading.Event()
-        self._tts_done = threading.Event()
         self.speak = orch.speech_on
+        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        workers = [("llm", self._decode)] + ([("tts", self._speak)] if self.speak else []) + [("wait", self._finish)]
-        if not self.speak:
-            self._tts_done.set()
-        for name, fn in workers:
-            t = threading.Thread(target=fn, name=f"reply{self.id}-{name}", daemon=True)
-            self.threads.append(t)
-            t.start()
+        self.thread = threading.Thread(target=self._run, name=f"reply{self.id}", daemon=True)
+        self.thread.start()
 
-    # --- decode ---
-    def _lend_cores(self, events):
-        """Decode on the prefill thread count (every core in live mode) until the TTS starts computing, then on
-        the decode share: the official TTS waits for 10 text tokens before its first step, and the cores it
-        leaves idle until then shorten that wait (2 cores: 3.3 -> ~5.8 tok/s on the full-shape Q4_K_M)."""
-        llm = self.o.session.omni.llm
-        share, lent = llm.n_threads, llm.n_threads_batch
-        if lent <= share or self._tts_computing.is_set():
-            yield from events
-            return
-        llm.set_threads(lent)
-        boosted = True
+    def _speech(self) -> SpeechOptions | None:
+        if not self.speak:
+            return None
+        return SpeechOptions(mode="overlap" if self.o.options.overlap else "after", lend_cores=True)
+
+    def _run(self) -> None:
+        o, t = self.o, self.trace
+        text: list[str] = []
+        start = o.now()
+        events = o.session.reply(o.sampling, max_new_tokens=o.options.max_new_tokens, speech=self._speech(),
+                                 cancel=self.stop)
         try:
             for ev in events:
-                if boosted and self._tts_computing.is_set():
-                    llm.set_threads(share)
-                    boosted = False
-                yield ev
-        finally:
-            if boosted:
-                llm.set_threads(share)
-
-    def _decode(self) -> None:
-        o, sess = self.o, self.o.session
-        text: list[str] = []
-        held: list[str] = []
-        try:
-            reply = sess.start_reply(want_speaker=self.speak)
-            self.trace.prefill_done = o.now()
-            self.spk = reply.spk_hidden
-            self._spk_ready.set()
-            events = sess.reply_tokens(reply, o.sampling, max_new_tokens=o.options.max_new_tokens,
-                                       should_stop=self.stop.is_set)
-            lending = self._lend_cores(events)
-            try:
-                for piece in sess.text_pieces(self._first_token(lending), text):
+                if isinstance(ev, PromptReady):
+                    t.prefill_done = o.now()
+                elif isinstance(ev, TextDelta):
+                    if t.first_token is None:
+                        t.first_token = o.now()
+                        o.post(tt.ReplyProgress(self.id, "first_token"))
+                    text.append(ev.text)
                     o.status(f"speaking: {''.join(text)[-60:]!r}")
-                    if self.speak:
-                        if o.options.overlap:
-                            self._put(piece)
-                        else:
-                            held.append(piece)
-            finally:
-                lending.close()
-                events.close()
-            for piece in held:
-                self._put(piece)
-            self.completed = reply.completed
-            self.tokens = list(reply.tokens)
+                elif isinstance(ev, AudioChunk):
+                    self._play(ev)
+                elif isinstance(ev, Finished):
+                    self.completed, self.tokens = ev.completed, list(ev.tokens)
+                    if ev.timing.decode_end is not None:
+                        t.decode_end = start + ev.timing.decode_end
         except Exception as e:  # noqa: BLE001 - reported; the control thread ends the session
             o.fault(f"reply generation failed: {e}", fatal=True)
         finally:
-            self.trace.decode_end = o.now()
-            self.trace.text = "".join(text)
-            self.trace.tokens = len(self.tokens)
-            self._spk_ready.set()
-            self._put(None, end=True)
-            self._llm_done.set()
+            events.close()
+            t.text, t.tokens = "".join(text), len(self.tokens)
+        self._finish()
 
-    def _first_token(self, events):
-        for ev in events:
-            if self.trace.first_token is None:
-                self.trace.first_token = self.o.now()
-                self.o.post(tt.ReplyProgress(self.id, "first_token"))
-            yield ev
-
-    def _put(self, item, end: bool = False) -> None:
-        """Bounded put that gives up when the reply is stopped (the end marker is still tried until then)."""
-        while True:
-            try:
-                self.pieces.put(item, timeout=POLL_SECONDS)
-                return
-            except queue.Full:
-                if self.stop.is_set():
-                    return
-
-    def _piece_iter(self):
-        while not self.stop.is_set():
-            try:
-                item = self.pieces.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            yield item
-
-    # --- speak ---
-    def _speak(self) -> None:
-        o = self.o
-        stream = None
+    def _play(self, ev: AudioChunk) -> None:
+        o, t = self.o, self.trace
+        if not o.speech_on:
+            return
+        if t.first_audio is None:
+            t.first_audio = o.now()
+            o.post(tt.ReplyProgress(self.id, "first_audio"))
+        t.audio_seconds += ev.pcm.size / ev.sample_rate
         try:
-            self._spk_ready.wait()
-            if self.spk is None or self.stop.is_set():
-                return
-            stream = o.tts.stream(self._piece_iter(), self.spk, on_compute=self._tts_computing.set)
-            for chunk in stream:
-                if self.stop.is_set():
-                    break
-                if not chunk.size:  # the speech has ended early; the stream only reads the rest of the text
-                    continue
-                if self.trace.first_audio is None:
-                    self.trace.first_audio = o.now()
-                    o.post(tt.ReplyProgress(self.id, "first_audio"))
-                self.trace.audio_seconds += chunk.size / o.tts.sample_rate
-                try:
-                    o.sink.push(chunk)
-                except Exception as e:  # noqa: BLE001
-                    o.speaker_failed(e)
-                    break
+            o.sink.push(ev.pcm)
         except Exception as e:  # noqa: BLE001
-            o.fault(f"speech synthesis failed ({e}); continuing with text-only replies", fatal=False)
-            o.speech_on = False
-        finally:
-            if stream is not None:
-                stream.close()
-            self._tts_done.set()
+            o.speaker_failed(e)
 
     def _finish(self) -> None:
-        """Waits for decode, TTS and playback, then reports the reply done (an interrupted reply is collected by
-        the control thread instead)."""
+        """Wait for playback, then report the reply done (an interrupted reply is collected by the control thread
+        instead)."""
         o = self.o
-        self._llm_done.wait()
-        self._tts_done.wait()
         if self.speak and o.speech_on and not self.stop.is_set():
             try:
                 o.sink.flush()
                 while not self.stop.is_set() and getattr(o.sink, "pending_seconds", 0.0) > 0:
-                    time.sleep(POLL_SECONDS / 5)
+                    self.stop.wait(POLL_SECONDS / 5)
             except Exception as e:  # noqa: BLE001
                 o.speaker_failed(e)
         if not self.stop.is_set():
@@ -384,10 +276,11 @@ class _Reply:
         return (time.perf_counter() - t0) * 1000
 
     def join(self) -> None:
-        for t in self.threads:
-            t.join(JOIN_SECONDS)
-            if t.is_alive():
-                self.o.fault(f"thread {t.name} did not stop within {JOIN_SECONDS} s", fatal=False)
+        if self.thread is None:
+            return
+        self.thread.join(JOIN_SECONDS)
+        if self.thread.is_alive():
+            self.o.fault(f"thread {self.thread.name} did not stop within {JOIN_SECONDS} s", fatal=False)
 
 
 class Orchestrator:
@@ -395,18 +288,15 @@ class Orchestrator:
 
     def __init__(self, session: StreamingSession, mic, *, camera=None, sink=None, vad=None,
                  options: LiveOptions | None = None, on_status: Callable[[str], None] | None = None,
-                 segmenter: VadSegmenter | None = None, tts=None):
-        from edge.io.microphone import make_vad
-
+                 segmenter: VadSegmenter | None = None):
         self.session, self.mic, self.camera, self.sink = session, mic, camera, sink
         self.options = o = options or LiveOptions()
         self.vad = vad or make_vad("auto")
         self.segmenter = segmenter or VadSegmenter()
         self.assembler = UnitAssembler()
         self.on_status = on_status
-        self._tts = tts
         self.speech_on = o.speech and sink is not None
-        self.sampling = stream_sampling(o.sampling, o.seed)
+        self.sampling = official_sampling(o.sampling, o.seed)
         self.events: queue.Queue = queue.Queue(EVENT_QUEUE_PACKETS)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -421,12 +311,6 @@ class Orchestrator:
         self.governor = RealtimeGovernor()  # lowers the camera rate when units exceed their 1-s budget
         self._units_in_turn = 0
         self._utt_start = 0.0
-
-    @property
-    def tts(self):
-        if self._tts is None:
-            self._tts = self.session.tts
-        return self._tts
 
     # --- helpers --------------------------------------------------------------------------------------------
     def now(self) -> float:

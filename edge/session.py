@@ -176,8 +176,9 @@ def _drain(q: queue.Queue, cancel: threading.Event) -> Iterator:
 class Session:
     """One conversation on a `Runtime`. Its methods may be called from any thread, one call at a time."""
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, *, tts=None):
         self.rt = runtime
+        self._tts = tts  # a TTS of this conversation's own (other options); None = the runtime's
         self._log: list = []  # token-id lists and (n, hidden) float32 arrays, in sequence order
         self.length = 0
         self.last_logits: np.ndarray | None = None  # after the latest prefill (the official listen/speak logits)
@@ -187,11 +188,16 @@ class Session:
         self.last_reply = ReplyRecord()
         self._audio_stream = None
         self._broken = False  # a call failed part-way: the sequence may not hold the log
+        self.rebuilds = 0  # times the sequence was put back after another session used the LLM
         self.encoder_calls = {"image": 0, "audio_step": 0, "audio_whole": 0}  # re-encoding would show here
 
     @property
     def llm(self):
         return self.rt.llm
+
+    @property
+    def tts(self):
+        return self._tts if self._tts is not None else self.rt.tts
 
     # --- the sequence ------------------------------------------------------------------------------------------
     def _claim(self) -> None:
@@ -203,6 +209,7 @@ class Session:
         llm.reset()
         if self._log:
             llm.prefill(self._log, reuse=False)
+            self.rebuilds += 1
             self.rt.rebuilds += 1
         self.rt.kv_owner = self
         self._broken = False
@@ -234,14 +241,28 @@ class Session:
             self.length, self.last_logits, self.speaker = snap.length, snap.last_logits, snap.speaker
             self.image_tokens, self.audio_tokens = snap.image_tokens, snap.audio_tokens
 
-    def tail(self, start: int) -> list:
-        """The logged segments of positions >= start (to write them again behind new content)."""
+    def tail(self, start: int, end: int | None = None) -> list:
+        """The logged segments of positions [start, end) (to write them again behind new content)."""
+        end = self.length if end is None else end
         out, pos = [], 0
         for seg in self._log:
-            if pos + len(seg) > start:
-                out.append(seg[max(0, start - pos):])
+            lo, hi = max(start, pos), min(end, pos + len(seg))
+            if hi > lo:
+                out.append(seg[lo - pos:hi - pos])
             pos += len(seg)
         return out
+
+    def extend(self, segments: list, *, image_tokens: int = 0, audio_tokens: int = 0) -> None:
+        """Append already encoded segments (token runs, embedding blocks) taken from a log, e.g. by `tail()`."""
+        with self.rt.llm_lock:
+            self._claim()
+            self._broken = True
+            self.last_logits, _ = self.rt.llm.prefill(segments, reuse=False)
+            for seg in segments:
+                self._append_log(seg)
+            self._broken = False
+            self.image_tokens += image_tokens
+            self.audio_tokens += audio_tokens
 
     @staticmethod
     def _keys(segs: list) -> list:
@@ -374,12 +395,16 @@ class Session:
         if prompt is not None and embeds is None:
             embeds = self.encode(prompt)
         if sp is not None:
-            self.rt.load_stages({"speech"})
+            _ = self.tts
         record = self.last_reply = ReplyRecord()
         lock = self.rt.llm_lock
         lock.__enter__()
         held = True
         try:
+            if cancel.is_set():  # cancelled while waiting for the LLM: nothing is written
+                record.finish_reason = "interrupted"
+                yield Finished("", (), "interrupted", False, Usage(self.length), Timing(total=time.perf_counter() - t0))
+                return
             if prompt is not None and replace:
                 self._replace(prompt, embeds, sp is not None, reuse_prefix)
             else:
@@ -498,15 +523,15 @@ class Session:
     def _audio(self, chunk: np.ndarray, marks, t0) -> AudioChunk:
         if "first_audio" not in marks:
             marks["first_audio"] = time.perf_counter() - t0
-        return AudioChunk(chunk, self.rt.tts.sample_rate)
+        return AudioChunk(chunk, self.tts.sample_rate)
 
     def _sampling(self, sp: SpeechOptions):
-        base = self.rt.tts.options.sampling
+        base = self.tts.options.sampling
         return base if sp.seed is None or base.seed == sp.seed else dataclasses.replace(base, seed=sp.seed)
 
     def _interleaved(self, toks, sp: SpeechOptions, spk, cancel, marks, t0) -> Iterator[Event]:
         shown: deque = deque()
-        tts = self.rt.tts
+        tts = self.tts
         with self.rt.tts_lock:
             chunks = tts.stream(self._group(toks, sp, shown), spk, sampling=self._sampling(sp))
             try:
@@ -524,7 +549,7 @@ class Session:
 
     def _speak(self, pieces: list[str], text: str, sp: SpeechOptions, spk, cancel, marks, t0) -> Iterator[Event]:
         """Speech of a finished text: one waveform ("whole") or streamed from its pieces."""
-        tts = self.rt.tts
+        tts = self.tts
         with self.rt.tts_lock:
             if sp.mode == "whole":
                 wave = tts.synthesize(text, spk, self._sampling(sp))
@@ -543,7 +568,7 @@ class Session:
 
     def _overlapped(self, toks, sp: SpeechOptions, spk, cancel, marks, t0) -> Iterator[Event]:
         """Decode here, speak on a thread of its own; audio is handed over between tokens."""
-        tts, llm = self.rt.tts, self.rt.llm
+        tts, llm = self.tts, self.rt.llm
         pieces_q: queue.Queue = queue.Queue(PIECE_QUEUE)
         audio_q: queue.Queue = queue.Queue()
         computing = threading.Event()

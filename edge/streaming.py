@@ -34,7 +34,7 @@ from PIL import Image
 from edge.constants import UNIT_SAMPLES
 from edge.content import audio_media, image_media, slice_options
 from edge.errors import InvalidInputError
-from edge.events import AudioChunk, Event, Finished, TextDelta
+from edge.events import AudioChunk, Event, Finished, PromptReady, TextDelta
 from edge.io.video import VIDEO_SLICE_OPTIONS
 from edge.prompt import AUDIO_MARK, IMAGE_MARK, Piece, Prompt
 from edge.runtime import Runtime
@@ -79,19 +79,17 @@ class StreamChunk:
     sampling_rate: int | None = None
 
 
-def _session_of(source) -> Session:
+def _session_of(source, tts) -> Session:
     if isinstance(source, Session):
         return source
-    if isinstance(source, Runtime):
-        return Session(source)
-    return Session(source.runtime)  # an `Omni`
+    return Session(source if isinstance(source, Runtime) else source.runtime, tts=tts)  # a Runtime or an `Omni`
 
 
 class StreamingSession:
     """One streaming conversation (batch 1, like the official model object) on its own `Session`."""
 
-    def __init__(self, source, options: StreamingOptions | None = None):
-        self.session = _session_of(source)
+    def __init__(self, source, options: StreamingOptions | None = None, *, tts=None):
+        self.session = _session_of(source, tts)
         self.rt = self.session.rt
         self.options = options or StreamingOptions()
         self.rules = RuleState()
@@ -113,6 +111,10 @@ class StreamingSession:
         return self.session.audio_stream
 
     @property
+    def tts(self):
+        return self.session.tts
+
+    @property
     def last_logits(self) -> np.ndarray | None:
         return self.session.last_logits
 
@@ -126,7 +128,8 @@ class StreamingSession:
         which the first 1-s unit of a live conversation would otherwise pay."""
         _ = self.audio_stream
         self.rt.load_stages({"image"} if vision else set())
-        self.rt.load_stages({"speech"} if speech else set())
+        if speech:
+            _ = self.tts
 
     def warm_up_encoders(self, *, vision: bool) -> EncoderTimings:
         """Run the encoders once on neutral input (a grey frame, a silent second) and time them: the first
@@ -209,7 +212,7 @@ class StreamingSession:
         started = False
         try:
             for ev in events:
-                if not started:
+                if isinstance(ev, PromptReady):
                     self.rules, started = state, True
                 yield ev
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge.constants import AUDIO_SAMPLE_RATE
 from edge.errors import InvalidInputError
 from edge.prompt import TrustedText
 
@@ -19,10 +20,12 @@ ASSISTANT_SUFFIX = "As an assistant, you will speak using this voice style."
 ROLEPLAY_SUFFIX = "Try to role-play the character based on the audio prompt above."
 OMNI_SYSTEM = "You are a helpful assistant. You can accept video, audio and text input and output voice and text. "
 DEFAULT_SYSTEM = "You are a helpful assistant. You can accept audio and text input and output voice and text."
+# The default instructions of a live conversation: the official omni system prompt without its voice clause.
+OMNI_INSTRUCTIONS = OMNI_SYSTEM.strip()
 DEFAULT_VOICE_TEXT = "Use the <reserved_53> voice."  # <reserved_53> is a special token: the built-in voice
 MODES = ("default", "omni", "audio_assistant", "audio_roleplay", "voice_cloning")
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = AUDIO_SAMPLE_RATE
 MIN_REFERENCE_SECONDS = 1.0  # shorter clips carry too little timbre; the official demo ships 5-10 s clips
 SILENCE_RMS = 1e-3  # -60 dBFS: below this a clip is silence (or a muted microphone)
 
@@ -47,6 +50,13 @@ def load_reference_clip(source) -> np.ndarray:
     from edge.io.audio import load_audio
 
     return check_reference_clip(load_audio(source))
+
+
+def clone_message(ref_wave: np.ndarray, instructions: str | None = None) -> dict:
+    """The official cloning prompt (get_sys_prompt(mode="audio_assistant") with a clip) as a user message; optional
+    instructions go in front, as the omni mode puts its prompt."""
+    head = f"{instructions} {CLONE_PREFIX}" if instructions else CLONE_PREFIX
+    return {"role": "user", "content": [head, ref_wave, ASSISTANT_SUFFIX]}
 
 
 def sys_prompt(ref_audio: np.ndarray | None = None, mode: str = "audio_assistant", language: str = "en") -> dict:

@@ -420,7 +420,7 @@ def test_spoken_request_whose_speech_ends_early_keeps_its_text(engine, monkeypat
     """An HTTP-style spoken job (streamed speech) whose TTS ends after 3 frames: the text deltas are the same
     whole reply as with speech that runs to the end, and text still arrives after the last audio."""
     from edge.sampling import SamplingOptions
-    from edge.server.engine import AudioDelta, Job, TextDelta
+    from edge.server.engine import AudioChunk, Job, TextDelta
     from tests.conftest import end_speech_after, never_stop
 
     never_stop(monkeypatch)
@@ -437,5 +437,5 @@ def test_spoken_request_whose_speech_ends_early_keeps_its_text(engine, monkeypat
     assert len(sampled) == 4 and short.completion_tokens == full.completion_tokens == 40
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert text == short.text == full.text == "".join(e.text for e in full_events if isinstance(e, TextDelta))
-    last_audio = max(i for i, e in enumerate(events) if isinstance(e, AudioDelta))
+    last_audio = max(i for i, e in enumerate(events) if isinstance(e, AudioChunk))
     assert any(isinstance(e, TextDelta) and e.text for e in events[last_audio + 1:])

@@ -83,7 +83,7 @@ class Recorder:
 
     def __init__(self, engine):
         from edge.server import chat as chatlib
-        from edge.server.engine import AudioDelta, TextDelta
+        from edge.server.engine import AudioChunk, TextDelta
 
         self.runs: list[dict] = []
         inner = engine.run
@@ -98,7 +98,7 @@ class Recorder:
                     async for ev in it:
                         if isinstance(ev, TextDelta):
                             entry["text"].append(ev.text)
-                        elif isinstance(ev, AudioDelta):
+                        elif isinstance(ev, AudioChunk):
                             entry["pcm"].append(chatlib.pcm16(ev.pcm))
                         yield ev
                 finally:

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.constants import AUDIO_SAMPLE_RATE
 from edge.errors import InvalidInputError
 
 # Whisper's input rate (preprocessor_config.json `sampling_rate`).
-SAMPLE_RATE = 16_000
+SAMPLE_RATE = AUDIO_SAMPLE_RATE
 
 # Resampler design (scipy.signal.resample_poly defaults): Kaiser beta and zero crossings per side.
 KAISER_BETA = 5.0

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.constants import TTS_SAMPLE_RATE
 from edge.errors import InvalidInputError
 
-TTS_SAMPLE_RATE = 24000  # Vocos output rate (spec §1.7)
 
 
 def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -30,9 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edge import __version__, keys
 from edge.sampling import SamplingOptions
 from edge.server import chat as chatlib
-from edge.server.engine import AudioDelta, Engine, Finished, Job, PromptReady
-from edge.server.errors import APIError, BodyTooLargeError, bad_request, from_exception
+from edge.server.engine import AudioChunk, Engine, Finished, Job, PromptReady
+from edge.server.errors import APIError, BodyTooLargeError, bad_request, format_validation, from_exception, key_matches
 from edge.server.media import AUDIO_RATE, MediaDecoder
+from edge.server.realtime import RealtimeSession
 from edge.server.settings import ServerSettings
 from edge.server.types import ChatCompletionRequest, ModelCard, ModelList, SpeechRequest
 from edge.server.web import mount_web
@@ -110,27 +110,7 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def key_matches(given: str | None, key: str) -> bool:
-    return bool(given) and hmac.compare_digest(given.encode(), key.encode())
-
-
 # --- request helpers -----------------------------------------------------------------------------------------------
-# pydantic puts the names of union members into error locations; they are not request fields.
-_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-plain"}
-
-
-def _fields(loc) -> list[str]:
-    return [str(x) for x in loc if x != "body" and not (isinstance(x, str) and ("[" in x or x in _UNION_MEMBERS))]
-
-
-def format_validation(e: ValidationError | RequestValidationError) -> APIError:
-    """The most specific problem (deepest field; for a union, the member that got furthest) as a 400."""
-    errs = e.errors() or [{"loc": (), "msg": "invalid request"}]
-    best = max(errs, key=lambda x: len(_fields(x.get("loc", ()))))
-    param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in _fields(best.get("loc", ()))).lstrip(".") or None
-    return bad_request(f"invalid request: {param or 'body'}: {best['msg']}.", param, "invalid_request")
-
-
 async def read_json(request: Request, model: type[BaseModel]):
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype and ctype != "application/json":
@@ -342,7 +322,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
             events, _ = await run_job(request, job)
         except ClientGone:
             return Response(status_code=CLIENT_GONE_STATUS)
-        chunks = [ev for ev in events if isinstance(ev, AudioDelta)]
+        chunks = [ev for ev in events if isinstance(ev, AudioChunk)]
         wave = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, np.float32)
         rate = chunks[0].sample_rate if chunks else e.omni.tts.sample_rate
         data = await run_in_threadpool(chatlib.encode_audio, wave, rate, fmt)
@@ -351,8 +331,6 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
 
     @app.websocket("/v1/realtime")
     async def realtime(ws: WebSocket):
-        from edge.server.realtime import RealtimeSession
-
         await RealtimeSession(ws, eng(), settings, decoder).run()
 
     mount_web(app, settings, eng)  # the browser demo at / (edge/server/web.py)

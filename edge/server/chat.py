@@ -31,7 +31,8 @@ import uuid
 import numpy as np
 
 from edge.sampling import SamplingOptions
-from edge.server.engine import AudioDelta, Finished, Job, PromptReady, TextDelta, clone_voice_message
+from edge.server.engine import AudioChunk, Finished, Job, PromptReady, TextDelta
+from edge.voice import clone_message
 from edge.server.errors import APIError, bad_request, from_exception
 from edge.server.settings import ServerSettings
 from edge.server.types import (AssistantMessage, AudioData, ChatCompletion, ChatCompletionChunk,
@@ -79,7 +80,7 @@ def voice_messages(voice: str, decoder, param: str) -> list[dict]:
         from edge.server.media import decode_data_url
 
         ref = decoder.audio(decode_data_url(voice, param), param)
-        return [clone_voice_message(ref)]
+        return [clone_message(ref)]
     raise bad_request(f"{param}: unknown voice {voice!r}; use 'default' (OpenAI voice names are aliases of it) "
                       "or a data:audio/wav;base64,... URL of a reference clip to clone.", param, "invalid_voice")
 
@@ -188,7 +189,7 @@ async def complete(events, plan: ChatPlan, model: str) -> dict:
     async for ev in events:
         if isinstance(ev, PromptReady):
             prompt = ev
-        elif isinstance(ev, AudioDelta):
+        elif isinstance(ev, AudioChunk):
             audio.append(ev.pcm)
             rate = ev.sample_rate
         elif isinstance(ev, Finished):
@@ -230,7 +231,7 @@ async def sse_stream(events, first: PromptReady, plan: ChatPlan, model: str):
             if isinstance(ev, TextDelta):
                 yield chunk(Delta(audio=AudioData(id=aid, transcript=ev.text)) if plan.speak
                             else Delta(content=ev.text))
-            elif isinstance(ev, AudioDelta):
+            elif isinstance(ev, AudioChunk):
                 yield chunk(Delta(audio=AudioData(id=aid, data=base64.b64encode(pcm16(ev.pcm)).decode())))
             elif isinstance(ev, Finished):
                 finished = ev

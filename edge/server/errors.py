@@ -6,7 +6,11 @@ reworded message cannot change a status code. Every message says what to change.
 
 from __future__ import annotations
 
+import hmac
 import logging
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from edge.errors import (ContextLengthExceededError, CorruptModelFileError, EdgeError, InvalidInputError,
                          ModelFilesNotFoundError)
@@ -69,3 +73,23 @@ def from_exception(e: BaseException, param: str | None = None) -> APIError:
     log.exception("internal error while serving a request", exc_info=e)
     return APIError(500, f"internal server error ({type(e).__name__}: {e}); see the server log.",
                     type="server_error", code="internal_error")
+
+
+def key_matches(given: str | None, key: str) -> bool:
+    return bool(given) and hmac.compare_digest(given.encode(), key.encode())
+
+
+# pydantic puts the names of union members into error locations; they are not request fields.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-plain"}
+
+
+def _fields(loc) -> list[str]:
+    return [str(x) for x in loc if x != "body" and not (isinstance(x, str) and ("[" in x or x in _UNION_MEMBERS))]
+
+
+def format_validation(e: ValidationError | RequestValidationError) -> APIError:
+    """The most specific problem (deepest field; for a union, the member that got furthest) as a 400."""
+    errs = e.errors() or [{"loc": (), "msg": "invalid request"}]
+    best = max(errs, key=lambda x: len(_fields(x.get("loc", ()))))
+    param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in _fields(best.get("loc", ()))).lstrip(".") or None
+    return bad_request(f"invalid request: {param or 'body'}: {best['msg']}.", param, "invalid_request")

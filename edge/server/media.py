@@ -20,12 +20,13 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from edge.constants import AUDIO_SAMPLE_RATE
 from edge.errors import InvalidInputError
 from edge.server.errors import APIError, bad_request
 from edge.server.settings import ServerSettings
 from edge.server.types import (AudioURLPart, ChatMessage, ImagePart, InputAudioPart, TextPart, VideoURLPart)
 
-AUDIO_RATE = 16_000  # what load_audio returns (Whisper's rate)
+AUDIO_RATE = AUDIO_SAMPLE_RATE  # what load_audio returns
 # Below 3 mel frames (30 ms) the official processor makes no audio tokens at all; 0.1 s is a usable floor.
 MIN_AUDIO_SECONDS = 0.1
 INPUT_AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus")  # what libsndfile decodes

@@ -46,12 +46,12 @@ streams the reply: a text delta per decoded token, speech from the TTS fed 3-tok
 - Usage: prompt_tokens is everything the reply reads (the session's whole cache after the generation prompt);
   image_tokens / audio_tokens count the media placeholders in it.
 
-Sharing the one model (edge/server/engine.py): prefills and replies take the LLM in FIFO order with HTTP requests,
-and a reply is a request (admission slot, queue, /health). llama.cpp holds one KV sequence, so any other job (an
-HTTP request, another socket) overwrites the session's cache; the session keeps a journal of what it wrote and
-rebuilds the cache from it before its next step (exact; no encoder runs, but an LLM prefill of the whole
-conversation). One live socket without HTTP traffic in between is the fast path; several sockets work, each switch
-between them costing a rebuild.
+Sharing the one model (edge/server/engine.py, edge/runtime.py): prefills and replies take the LLM in FIFO order
+with HTTP requests, and a reply is a request (admission slot, queue, /health). llama.cpp holds one KV sequence here,
+so any other job (an HTTP request, another socket) overwrites the session's cache; the session (edge/session.py)
+keeps a log of what it wrote and puts the cache back from it before its next step (exact; no encoder runs, but an
+LLM prefill of the whole conversation). One live socket without HTTP traffic in between is the fast path; several
+sockets work, each switch between them costing a rebuild.
 """
 
 from __future__ import annotations
@@ -68,19 +68,21 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge import keys
-from edge.orchestrator import DEFAULT_SYSTEM_PROMPT
 from edge.server import chat as chatlib
-from edge.server.engine import CLONE_PROMPT, AudioDelta, Engine, Finished, Job, PromptReady, TextDelta
-from edge.server.errors import APIError, bad_request, from_exception
+from edge.constants import AUDIO_SAMPLE_RATE as AUDIO_RATE, TTS_SAMPLE_RATE, UNIT_SAMPLES, UNIT_SECONDS
+from edge.server.engine import AudioChunk, Engine, Finished, Job, PromptReady, TextDelta
+from edge.server.errors import APIError, bad_request, format_validation, from_exception, key_matches
 from edge.server.live_session import LiveSession
-from edge.server.media import AUDIO_RATE, MediaDecoder, decode_base64, decode_data_url
+from edge.server.media import MediaDecoder, decode_base64, decode_data_url
 from edge.server.settings import ServerSettings
-from edge.streaming import UNIT_MARKER, UNIT_SAMPLES, UNIT_SECONDS
+from edge.content import FRAME_PROMPT
+from edge.streaming_rules import UNIT_MARKER
+from edge.voice import OMNI_INSTRUCTIONS, clone_message
 
 MAX_UNIT_SECONDS = 2.0  # one input.audio message may carry up to this much
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 POLICY_VIOLATION = 1008  # WebSocket close code for a refused key (RFC 6455)
-FRAME_PROMPT_KWARGS = {"omni_input": True, "max_slice_nums": 1, "use_image_id": False}  # streaming frame layout
+FRAME_PROMPT_KWARGS = {"omni_input": True, **FRAME_PROMPT}  # streaming frame layout
 
 
 class SessionConfig(BaseModel):
@@ -99,8 +101,8 @@ def opening_content(instructions: str | None, voice: np.ndarray | None) -> list:
     official omni prompt); with a reference clip, the cloning prompt around it (audio_assistant mode, the
     instructions in front as the omni mode puts its prompt)."""
     if voice is None:
-        return [instructions or DEFAULT_SYSTEM_PROMPT]
-    return [f"{instructions} {CLONE_PROMPT[0]}" if instructions else CLONE_PROMPT[0], voice, CLONE_PROMPT[1]]
+        return [instructions or OMNI_INSTRUCTIONS]
+    return clone_message(voice, instructions)["content"]
 
 
 def _same(a: list, b: list) -> bool:
@@ -183,8 +185,6 @@ class RealtimeSession:
         chosen = next((p for p in offered if not p.startswith(KEY_SUBPROTOCOL)), offered[0] if offered else None)
         if not self.s.api_key:
             return True, chosen
-        from edge.server.app import key_matches
-
         given = [self.ws.headers.get("authorization", "").removeprefix("Bearer ").strip(),
                  self.ws.query_params.get("api_key", "")]
         given += [p[len(KEY_SUBPROTOCOL):] for p in offered if p.startswith(KEY_SUBPROTOCOL)]
@@ -241,8 +241,6 @@ class RealtimeSession:
 
     @staticmethod
     def _out_rate() -> int:
-        from edge.io.speaker import TTS_SAMPLE_RATE
-
         return TTS_SAMPLE_RATE
 
     def _session_info(self) -> dict:
@@ -269,8 +267,6 @@ class RealtimeSession:
         try:
             cfg = SessionConfig.model_validate(msg.get("session") or {})
         except ValidationError as e:
-            from edge.server.app import format_validation
-
             raise format_validation(e) from e
         if cfg.max_tokens and cfg.max_tokens > self.s.max_tokens:
             raise bad_request(f"max_tokens {cfg.max_tokens} is above the server's limit {self.s.max_tokens}.",
@@ -405,7 +401,7 @@ class RealtimeSession:
                     timing["first_token_ms"] = timing["first_token_ms"] or ms()
                     text.append(ev.text)
                     await self.send({"type": "response.text.delta", "response_id": resp.id, "delta": ev.text})
-                elif isinstance(ev, AudioDelta):
+                elif isinstance(ev, AudioChunk):
                     timing["first_audio_ms"] = timing["first_audio_ms"] or ms()
                     await self.send({"type": "response.audio.delta", "response_id": resp.id, "seq": seq,
                                      "audio": base64.b64encode(chatlib.pcm16(ev.pcm)).decode()})

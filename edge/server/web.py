@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from edge import keys
+from edge.constants import AUDIO_SAMPLE_RATE as AUDIO_RATE, RANDOM_WEIGHTS_NOTICE, TTS_SAMPLE_RATE, UNIT_SECONDS
 from edge.server.settings import ServerSettings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -40,10 +41,6 @@ class _StaticNoCache(StaticFiles):
 
 def web_config(settings: ServerSettings, engine) -> dict:
     """What the page needs before connecting: key or not, random-weights notice, speech output, audio rates."""
-    from edge.demo import RANDOM_WEIGHTS_NOTICE
-    from edge.io.speaker import TTS_SAMPLE_RATE
-    from edge.server.media import AUDIO_RATE
-    from edge.server.realtime import UNIT_SECONDS
 
     bundle = engine.omni.bundle
     random_weights = bool(engine.omni.random_weights)

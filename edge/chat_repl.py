@@ -148,7 +148,7 @@ class ChatSession:
         audio: list = []
         finished = None
         for ev in self.session.reply(options, prompt=prompt, replace=True, cancel=cancel):
-            if isinstance(ev, TextDelta):
+            if isinstance(ev, TextDelta) and ev.text:
                 self.out.write(ev.text)
                 self.out.flush()
             elif isinstance(ev, AudioChunk):

@@ -108,7 +108,7 @@ def run_demo(bundle=None, *, speak: bool = True, output_audio: str | Path = "dem
             prefill_end = time.perf_counter()
             tm.add(f"LLM prefill ({ev.prompt_tokens} tokens)", prefill_end - t)
             print("assistant: ", end="", flush=True)
-        elif isinstance(ev, TextDelta):
+        elif isinstance(ev, TextDelta) and ev.text:
             print(ev.text, end="", flush=True)
         elif isinstance(ev, AudioChunk):
             wave.append(ev.pcm)

@@ -39,7 +39,11 @@ class PromptReady:
 
 @dataclass(frozen=True)
 class TextDelta:
+    """One decoded token and the text it completes (UTF-8 safe: '' while a character is incomplete, or when the
+    text is held back as a possible stop string)."""
+
     text: str
+    token: int | None = None
 
 
 @dataclass(frozen=True)

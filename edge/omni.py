@@ -206,7 +206,7 @@ class Omni:
         if stream and generate_audio:
             return self._speech_chunks(events)
         if stream and not return_dict:
-            return (ev.text for ev in events if isinstance(ev, TextDelta))
+            return (ev.text for ev in events if isinstance(ev, TextDelta) and ev.text)
         audio: list[np.ndarray] = []
         finished = None
         for ev in events:
@@ -228,7 +228,7 @@ class Omni:
         """Text pieces and 24 kHz audio chunks as they become ready: the TTS reads the LLM's pieces lazily, so
         speech starts after the first 10 TTS text tokens, not after the whole reply."""
         for ev in events:
-            if isinstance(ev, TextDelta):
+            if isinstance(ev, TextDelta) and ev.text:
                 yield StreamChunk(ev.text)
             elif isinstance(ev, AudioChunk):
                 yield StreamChunk("", ev.pcm, ev.sample_rate)

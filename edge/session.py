@@ -150,6 +150,7 @@ class _Tok:
 
     text: str
     spoken: str | None
+    token: int | None = None
 
 
 def _put(q: queue.Queue, item, cancel: threading.Event) -> bool:
@@ -429,8 +430,7 @@ class Session:
                 toks = self._tokens(o, cancel, record, text, marks, t0)
                 if sp is None:
                     for t in toks:
-                        if t.text:
-                            yield TextDelta(t.text)
+                        yield TextDelta(t.text, t.token)
                 elif sp.mode == "interleaved":
                     yield from self._interleaved(toks, sp, spk, cancel, marks, t0)
                 elif sp.mode == "overlap":
@@ -485,7 +485,7 @@ class Session:
                 out, hit = matcher.push(ev.text) if ev.text else ("", False)
                 if out:
                     text.append(out)
-                yield _Tok(out, out if spoken else None)
+                yield _Tok(out, out if spoken else None, ev.token)
                 if hit:
                     break
             if not hit:
@@ -508,8 +508,7 @@ class Session:
         """Spoken pieces of `piece_tokens` tokens; each token's shown text goes to `shown` as a TextDelta."""
         buf, n = [], 0
         for t in toks:
-            if t.text:
-                shown.append(TextDelta(t.text))
+            shown.append(TextDelta(t.text, t.token))
             if t.spoken is None:
                 continue
             buf.append(t.spoken)

@@ -115,6 +115,11 @@ class StreamingSession:
         return self.session.tts
 
     @property
+    def encoder_calls(self) -> dict[str, int]:
+        """Encoder runs of this conversation, by kind: re-encoding would show here."""
+        return self.session.encoder_calls
+
+    @property
     def last_logits(self) -> np.ndarray | None:
         return self.session.last_logits
 
@@ -236,7 +241,7 @@ class StreamingSession:
         text: list[str] = []
         try:
             for ev in events:
-                if isinstance(ev, TextDelta):
+                if isinstance(ev, TextDelta) and ev.text:
                     if not generate_audio:
                         yield StreamChunk(ev.text)
                     else:

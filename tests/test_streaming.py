@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 
 from edge import streaming as st
+from edge import streaming_rules as rules
+from edge.constants import AUDIO_SAMPLE_RATE, UNIT_SAMPLES
+from edge.events import Finished, TextDelta
+from edge.sampling import official_sampling
 from tests.conftest import rel_err
 
 # The official strings, spelled out here independently of edge/streaming.py (modeling_minicpmo.py
@@ -32,30 +36,30 @@ def test_rules_new_session_turns_completed_and_interrupted():
     ]
     want = ("<|im_start|>user\nSYS<|im_end|>\n" + USER + "U1U2" + GEN + "R1" + AFTER_CUT + "U3" + GEN + "R2"
             + AFTER_DONE + "U4U5" + GEN + "R3")
-    assert st.expected_prompt_text(events) == want
+    assert rules.expected_prompt_text(events) == want
 
 
 def test_rules_new_session_id_resets_and_system_message():
-    s, plan = st.plan_prefill(st.RuleState(), "a", "system")
+    s, plan = rules.plan_prefill(rules.RuleState(), "a", "system")
     assert plan.new_session and plan.prefix == "<|im_start|>system\n" and plan.suffix == "<|im_end|>\n"
     assert plan.reset_audio_after and s.new_user_msg
-    s, _ = st.plan_generate(s)
-    s = st.finish_generate(s, True)
+    s, _ = rules.plan_generate(s)
+    s = rules.finish_generate(s, True)
     # an assistant message mid-session: content only, resets the Whisper cache, next user turn re-opens
-    s, plan = st.plan_prefill(s, "a", "assistant")
+    s, plan = rules.plan_prefill(s, "a", "assistant")
     assert (plan.prefix, plan.suffix, plan.reset_audio_before, plan.new_session) == ("", "", True, False)
-    s, plan = st.plan_prefill(s, "a", "user")
+    s, plan = rules.plan_prefill(s, "a", "user")
     assert plan.prefix == AFTER_DONE  # llm_generated / completed survive the assistant message, as officially
     # another session id starts over
-    s2, plan = st.plan_prefill(s, "b", "user")
-    assert plan.new_session and s2 == st.RuleState(session_id="b")
+    s2, plan = rules.plan_prefill(s, "b", "user")
+    assert plan.new_session and s2 == rules.RuleState(session_id="b")
 
 
 def test_rules_errors():
     with pytest.raises(ValueError, match="streaming_prefill"):
-        st.plan_generate(st.RuleState())
+        rules.plan_generate(rules.RuleState())
     with pytest.raises(ValueError, match="role"):
-        st.plan_prefill(st.RuleState(), "a", "tool")
+        rules.plan_prefill(rules.RuleState(), "a", "tool")
 
 
 # --- a session on the golden bundle -------------------------------------------------------------------------------
@@ -79,7 +83,7 @@ def frames(golden_dir):
 
 def _waves(n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    t = np.arange(st.UNIT_SAMPLES) / st.AUDIO_RATE
+    t = np.arange(UNIT_SAMPLES) / AUDIO_SAMPLE_RATE
     return [(0.3 * np.sin(2 * np.pi * (200 + 90 * k) * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
             for k in range(n)]
 
@@ -113,6 +117,22 @@ def _cache_ids(omni) -> list[int]:
     return [unk if k is None else k for k in omni.llm.cached_tokens()]
 
 
+def _reply(sess, sampling, *, max_new_tokens: int = 512, stop_after: int | None = None):
+    """Run one reply through the session's events; cancel after `stop_after` text deltas."""
+    import threading
+
+    cancel = threading.Event()
+    done, n = None, 0
+    for ev in sess.reply(sampling, max_new_tokens=max_new_tokens, cancel=cancel):
+        if isinstance(ev, TextDelta):
+            n += 1
+            if stop_after is not None and n >= stop_after:
+                cancel.set()
+        elif isinstance(ev, Finished):
+            done = ev
+    return list(done.tokens), done
+
+
 def test_session_tokens_follow_official_rules(omni, frames):
     """Scripted session: voice prompt, units with frames, an interrupted reply, a completed reply, a reply cut
     by max_new_tokens. The KV cache must hold exactly the rule-built sequence."""
@@ -122,8 +142,8 @@ def test_session_tokens_follow_official_rules(omni, frames):
     ref_audio = np.concatenate(_waves(2, seed=3))[:24000]
     units = _waves(4)
     img_ph = omni.preprocess_image(frames[0], 1, use_image_id=False).placeholder
-    a_ph = audio_placeholder(st.UNIT_SAMPLES)
-    unit_marker = st.UNIT_MARKER if st.UNIT_MARKER in omni.special else None
+    a_ph = audio_placeholder(UNIT_SAMPLES)
+    unit_marker = rules.UNIT_MARKER if rules.UNIT_MARKER in omni.special else None
     want: list[tuple[str, bool]] = []
 
     def unit(k, frame=True):
@@ -140,39 +160,30 @@ def test_session_tokens_follow_official_rules(omni, frames):
     assert sess.audio_stream.cache_length == 2 * 50  # 2 units x 50 encoder positions, cached
 
     # reply 1: interrupted after 4 tokens
-    reply = sess.start_reply()
+    toks1, done = _reply(sess, official_sampling(True, seed=1), stop_after=4)
     assert sess.audio_stream.cache_length == 0  # generation resets the Whisper cache
-    n = {"k": 0}
-
-    def stop():
-        n["k"] += 1
-        return n["k"] > 4
-    toks1 = [ev.token for ev in sess.reply_tokens(reply, st.stream_sampling(True, seed=1), should_stop=stop)]
-    assert reply.finish_reason == "interrupted" and len(toks1) == 4
+    assert done.finish_reason == "interrupted" and len(toks1) == 4
     want += [(GEN, True)]
     gen1 = len(_expected_ids(omni, want))
     want += [(AFTER_CUT, True)] + unit(2, frame=False)
 
     # reply 2 "completed": random weights never sample a terminator, so a probe run names the 3rd token this
     # context samples with seed 7, and that token is declared a terminator (same code path as <|im_end|>)
-    n0, rules0 = omni.llm.n_past, sess.rules
-    probe = sess.start_reply()
-    third = [ev.token for ev in sess.reply_tokens(probe, st.stream_sampling(True, seed=7), max_new_tokens=3)][-1]
-    omni.llm.truncate(n0)
+    snap, rules0 = sess.session.snapshot(), sess.rules
+    third = _reply(sess, official_sampling(True, seed=7), max_new_tokens=3)[0][-1]
+    sess.session.restore(snap)
     sess.rules = rules0
     sess.terminator_ids = sess.terminator_ids + [third]
-    reply = sess.start_reply()
-    toks2 = [ev.token for ev in sess.reply_tokens(reply, st.stream_sampling(True, seed=7), max_new_tokens=20)]
-    assert reply.completed and reply.finish_reason == "stop" and len(toks2) == 2 and third not in toks2
+    toks2, done = _reply(sess, official_sampling(True, seed=7), max_new_tokens=20)
+    assert done.completed and done.finish_reason == "stop" and len(toks2) == 2 and third not in toks2
     want += [(GEN, True)]
     gen2 = len(_expected_ids(omni, want))
     want += [(AFTER_DONE, True)]
     want += unit(3)
 
     # reply 3: cut by max_new_tokens -> treated as interrupted next turn
-    reply = sess.start_reply()
-    toks3 = [ev.token for ev in sess.reply_tokens(reply, st.stream_sampling(True, seed=2), max_new_tokens=5)]
-    assert reply.finish_reason == "length" and len(toks3) == 5
+    toks3, done = _reply(sess, official_sampling(True, seed=2), max_new_tokens=5)
+    assert done.finish_reason == "length" and len(toks3) == 5
     want += [(GEN, True)]
     gen3 = len(_expected_ids(omni, want))
     sess.streaming_prefill("s", [{"role": "user", "content": ["thanks"]}])
@@ -216,7 +227,7 @@ def test_streamed_units_equal_one_go_prefill(omni, frames, qwen2_reference):
     body = []
     for k in range(3):
         pre = omni.preprocess_image(frames[k % 2], 1, use_image_id=False)
-        body.append(([("<unit>", False), (pre.placeholder, True), (audio_placeholder(st.UNIT_SAMPLES), True)],
+        body.append(([("<unit>", False), (pre.placeholder, True), (audio_placeholder(UNIT_SAMPLES), True)],
                      [omni.vision(pre).reshape(-1, omni.llm.n_embd), stream.step_audio(units[k])]))
 
     def pour(ids, embeds):

@@ -251,13 +251,14 @@ class Engine:
 
 
 def forward(events, emit) -> Finished:
-    """Hand a reply's events to `emit` and return its Finished (closing the reply however this ends)."""
+    """Hand a reply's events to `emit` (text deltas with text only: clients get no empty deltas) and return its
+    Finished, closing the reply however this ends."""
     finished = None
     try:
         for ev in events:
             if isinstance(ev, Finished):
                 finished = ev
-            else:
+            elif not (isinstance(ev, TextDelta) and not ev.text):
                 emit(ev)
     finally:
         events.close()

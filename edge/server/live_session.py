@@ -18,7 +18,7 @@ import numpy as np
 
 from edge.errors import ContextLengthExceededError, InvalidInputError
 from edge.events import Finished, PromptReady, Usage
-from edge.server.engine import Engine, Job
+from edge.server.engine import Engine, Job, forward
 from edge.session import Session, Snapshot, SpeechOptions
 from edge.streaming import StreamingOptions, StreamingSession
 from edge.streaming_rules import UNIT_MARKER, RuleState
@@ -192,20 +192,20 @@ class LiveSession:
             s, start = self.session, self.session.length
             room = s.llm.n_ctx - s.length
             speech = SpeechOptions(seed=job.tts_seed) if job.speak else None
-            finished, started = None, False
             events = self.stream.reply(job.sampling, max_new_tokens=min(job.max_new_tokens or room, room),
                                        min_new_tokens=job.min_new_tokens, speech=speech, cancel=cancel)
+            started = False
+
+            def watched(ev):
+                nonlocal started
+                started = started or isinstance(ev, PromptReady)
+                emit(ev)
+
             try:
-                for ev in events:
-                    if isinstance(ev, Finished):
-                        finished = ev
-                    else:
-                        started = started or isinstance(ev, PromptReady)
-                        emit(ev)
+                finished = forward(events, watched)
             except ContextLengthExceededError as e:
                 raise _context_full(e) from e
             finally:
-                events.close()
                 if started:
                     self.entries.append(Entry("reply", s.length - start, tokens=tuple(s.last_reply.tokens),
                                               completed=s.last_reply.completed))

@@ -149,15 +149,17 @@ def official_audio_tokens(n_samples: int) -> int:
 def streamed_reply(omni, units, *, seed: int, max_new_tokens: int) -> str:
     """What the realtime socket answers: a streaming session (official rules) opened with the default system
     prompt, one prefill per 1-s unit, then the reply (tests/test_realtime.py checks the socket in depth)."""
-    from edge.orchestrator import DEFAULT_SYSTEM_PROMPT
+    from edge.voice import OMNI_INSTRUCTIONS as DEFAULT_SYSTEM_PROMPT
+    from edge.events import TextDelta
     from edge.sampling import SamplingOptions
+    from edge.session import SpeechOptions
     from edge.streaming import StreamingSession
 
     sess = StreamingSession(omni)
     for content in [[DEFAULT_SYSTEM_PROMPT]] + [[u] for u in units]:
         sess.streaming_prefill("ref", [{"role": "user", "content": content}])
-    events = sess.reply_tokens(sess.start_reply(), SamplingOptions(seed=seed), max_new_tokens=max_new_tokens)
-    return "".join(ev.text for ev in events)
+    events = sess.reply(SamplingOptions(seed=seed), max_new_tokens=max_new_tokens, speech=SpeechOptions())
+    return "".join(ev.text for ev in events if isinstance(ev, TextDelta))
 
 
 # --- basic endpoints -----------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ class StreamingSession:
         return self.rt.prompts.build_pieces([Piece(plan_generate(self.rules)[1], True)])
 
     def reply(self, sampling: SamplingOptions, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-              min_new_tokens: int = 0, speech: SpeechOptions | None = None,
+              min_new_tokens: int = 0, speech: SpeechOptions | None = None, lend_cores: bool = False,
               cancel: threading.Event | None = None) -> Iterator[Event]:
         """Append the generation prompt and run the turn: the session's events. The official flags follow the
         reply however it ends (terminator, limit, cancel, or the consumer closing the iterator)."""
@@ -211,7 +211,8 @@ class StreamingSession:
         prompt = self.generation_prompt()
         self.audio_stream.reset()  # generation resets the Whisper cache (official)
         options = ReplyOptions(sampling=sampling, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                               stop_ids=tuple(self.terminator_ids), speech=speech, keep_terminator=False)
+                               stop_ids=tuple(self.terminator_ids), speech=speech, keep_terminator=False,
+                               lend_cores=lend_cores)
         events = self.session.reply(options, prompt=prompt, cancel=cancel,
                                     context_hint="start a new session (new session_id)")
         started = False

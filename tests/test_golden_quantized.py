@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import cosine, golden_messages
+from tests.helpers import cosine, golden_messages
 
 MIN_COSINE = 0.99
 ROWS: list[tuple[str, float, str]] = []

@@ -10,7 +10,7 @@ import pytest
 
 from edge.profiles import (GIB, Hardware, InsufficientMemoryError, check_fits, detect_profile_name, estimate_memory,
                            resolve_profile)
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 LAPTOP = Hardware("Linux", "x86_64", 8, 16 * GIB, 12 * GIB)
 MAC = Hardware("Darwin", "arm64", 10, 32 * GIB, 24 * GIB)

@@ -422,7 +422,7 @@ def test_spoken_request_whose_speech_ends_early_keeps_its_text(engine, monkeypat
     whole reply as with speech that runs to the end, and text still arrives after the last audio."""
     from edge.sampling import SamplingOptions
     from edge.server.engine import AudioChunk, Job, TextDelta
-    from tests.conftest import end_speech_after, never_stop
+    from tests.helpers import end_speech_after, never_stop
 
     never_stop(monkeypatch)
 

@@ -26,7 +26,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from tests.conftest import golden_messages  # noqa: E402
+from tests.helpers import golden_messages  # noqa: E402
 
 MODEL = "minicpm-o-2_6"
 MAX_TOKENS = 64  # the main server's --max-tokens: keeps random-weight replies short

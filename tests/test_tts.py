@@ -19,7 +19,7 @@ from edge.tts.backbone import MASK_MIN, build_text_mask, step_mask
 from edge.tts.decoder import overlap_add2
 from edge.tts.sampling import CodeSampler, repetition_penalty, top_k_filter, top_p_filter
 from edge.tts.text import NumberStyle, normalize_piece, prepare_tts_text, replace_numbers, sentence_end
-from tests.conftest import cosine, rel_err
+from tests.helpers import cosine, rel_err
 
 TOL = 1e-4  # golden README: float32 d <= 1e-4 * max|ref|
 GREEDY = TTSOptions(sampling=SamplingOptions(greedy=True))

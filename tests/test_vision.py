@@ -22,7 +22,7 @@ from edge.bundle import Bundle
 from edge.errors import InvalidInputError
 from edge.image_preprocess import preprocess_image
 from edge.vision import ROLE_FP32_DATA, VisionEncoder, navit_position_ids
-from tests.conftest import cosine, rel_err
+from tests.helpers import cosine, rel_err
 
 EMBED_TOL = 1e-4  # golden README: float32, d <= 1e-4 * max|ref|
 VPM_TOL = 2.5e-4  # see the module docstring (float32 conditioning of the random-weight SigLIP)

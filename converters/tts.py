@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.checkpoint import Checkpoint
+from converters.int8 import REDUCE_RANGE
 from converters.progress import reporter
 from edge.bundle import BundleFile, BundlePart
 from edge.errors import CorruptModelFileError, ModelFilesNotFoundError
@@ -325,7 +326,7 @@ def _int8(fp32: Path, name: str, feed: dict, ref: list[np.ndarray], progress: bo
 
     out = fp32.with_name(fp32.name.replace(".fp32.", ".int8."))
     quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True)
+                     per_channel=True, reduce_range=REDUCE_RANGE)
     return _keep_if_close(out, name, feed, ref, progress)
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import codecs
 import ctypes
 import hashlib
+import mmap
 import threading
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
@@ -22,6 +23,7 @@ import numpy as np
 from edge.errors import (ContextLengthExceededError, CorruptModelFileError, InvalidInputError,
                          ModelFilesNotFoundError)
 from edge.options import LLMOptions
+from edge.token_rows import GGUFFormatError, TokenRows, read_header
 from edge.sampling import Sampler, SamplingOptions
 
 __all__ = ["LLM", "LLMOptions", "TokenEvent", "check_gguf_file"]
@@ -67,13 +69,10 @@ def check_gguf_file(path: Path) -> None:
         raise CorruptModelFileError(f"{path} is not a GGUF file (bad magic or {size} bytes). Convert it again.",
                                     str(path))
     try:
-        import gguf
-
-        r = gguf.GGUFReader(str(path))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
-    except Exception as e:  # the reader raises assorted errors on truncated metadata
-        raise CorruptModelFileError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}). Convert it again.",
-                                    str(path)) from e
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            end = read_header(buf, path).data_end()
+    except (GGUFFormatError, ValueError, OverflowError) as e:  # truncated metadata, nonsense counts or types
+        raise CorruptModelFileError(f"{path} is truncated or corrupt ({e}). Convert it again.", str(path)) from e
     if end > size:
         raise CorruptModelFileError(
             f"{path} is truncated: its tensors need {end} bytes, the file has {size}. Download or convert it again.",
@@ -239,8 +238,6 @@ class LLM:
         """Segments -> the (n, n_embd) rows the model reads: embedding blocks as given, token ids as their rows of
         the GGUF's token table (`edge.token_rows`, opened at first use)."""
         if self._token_rows is None:
-            from edge.token_rows import TokenRows
-
             self._token_rows = TokenRows(self.path)
         return np.concatenate([np.asarray(s, np.float32) if isinstance(s, np.ndarray) and s.ndim == 2
                                else self._token_rows.rows(s) for s in segments])

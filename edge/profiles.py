@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import get_type_hints
 
 from edge import keys
-from edge.errors import EdgeError
+from edge.errors import InsufficientMemoryError
 from edge.onnx_session import OrtOptions
 from edge.options import LLMOptions, OmniOptions, ThreadSplit
 
@@ -398,13 +398,6 @@ ORT_OVERHEAD = 1.3  # onnxruntime keeps initializers plus arena/working buffers 
 SMALL_N_CTX = 2048  # the context suggested when memory is short (the pi5 profile's)
 # Python + numpy + onnxruntime + llama.cpp: 58 MiB measured after loading the tiny bundle, plus allocator slack
 PROCESS_BASE_BYTES = 150 * 2**20
-
-
-class InsufficientMemoryError(EdgeError, MemoryError):
-    def __init__(self, need: int, have: int, advice: str):
-        self.need, self.have = need, have
-        super().__init__(f"the bundle needs about {need / GIB:.1f} GiB but {have / GIB:.1f} GiB is available. "
-                         f"{advice}")
 
 
 @dataclass(frozen=True)

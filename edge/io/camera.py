@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edge.errors import InvalidInputError
+from edge.errors import DeviceError, InvalidInputError
 
 log = logging.getLogger("edge.camera")
 
@@ -55,7 +55,7 @@ class Camera:
         if not self._cap.isOpened():
             self._cap.release()
             what = f"video file {src}" if self.is_file else f"camera {src}"
-            raise RuntimeError(f"cannot open {what}. Check the device (ls /dev/video*) or file, pass another "
+            raise DeviceError(f"cannot open {what}. Check the device (ls /dev/video*) or file, pass another "
                                "--camera, or run with --no-camera.")
         if not self.is_file:
             self._cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # we want the newest frame, not a queue of old ones

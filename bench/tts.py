@@ -199,7 +199,8 @@ def main(argv=None) -> None:
         write_result(f"tts-{a.scale}", {
             "checkpoint": label, "threads": a.threads, "export_seconds": export_s,
             "files_bytes": {r: f.bytes for r, f in part.files.items()}, "int8_cosine_probe": part.meta["int8_cosine"],
-            "repeats": a.repeats, "summary": summary, "runs": runs, "peak_rss_gib": peak_rss_gib(), "versions": versions("numpy", "onnxruntime", "torch"),
+            "repeats": a.repeats, "summary": summary, "runs": runs, "peak_rss_gib": peak_rss_gib(),
+            "versions": versions("numpy", "onnxruntime", "torch"),
         })
     finally:
         shutil.rmtree(work, ignore_errors=True)

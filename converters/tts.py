@@ -308,7 +308,8 @@ def _check(name: str, got: list[np.ndarray], ref: list, tol: float = 1e-4) -> fl
     return err
 
 
-def _keep_if_close(out: Path, name: str, feed: dict, ref: list[np.ndarray], progress: bool) -> tuple[Path | None, float]:
+def _keep_if_close(out: Path, name: str, feed: dict, ref: list[np.ndarray],
+                   progress: bool) -> tuple[Path | None, float]:
     """Keep a quantised graph only if its probe output stays within INT8_MIN_COSINE of fp32."""
     cos = min(_cos(g, r) for g, r in zip(_run(out, feed), ref))
     _say(progress, f"{name} int8: cosine vs fp32 on the probe = {cos:.5f}")

@@ -23,6 +23,7 @@ from edge.orchestrator import LiveOptions, Orchestrator, PacedSink
 from edge.profiles import start_profile
 from edge.streaming import StreamingSession
 
+
 @dataclass
 class LiveArgs:
     """Attributes mirror the command line (see `add_live_arguments`)."""

@@ -20,11 +20,10 @@ from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from edge.errors import (ContextLengthExceededError, CorruptModelFileError, InvalidInputError,
-                         ModelFilesNotFoundError)
+from edge.errors import ContextLengthExceededError, CorruptModelFileError, InvalidInputError, ModelFilesNotFoundError
 from edge.options import LLMOptions
-from edge.token_rows import GGUFFormatError, TokenRows, read_header
 from edge.sampling import Sampler, SamplingOptions
+from edge.token_rows import GGUFFormatError, TokenRows, read_header
 
 __all__ = ["LLM", "LLMOptions", "TokenEvent", "check_gguf_file"]
 
@@ -88,7 +87,8 @@ class LLM:
         import llama_cpp
 
         # llama-cpp-python routes llama.cpp's log through this logger; below ERROR it is load-time noise.
-        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if (options and options.verbose) else logging.ERROR)
+        verbose = bool(options and options.verbose)
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
         self._lib = llama_cpp
         self.path = Path(path)
         self._token_rows = None  # edge.token_rows.TokenRows, opened at the first mixed prompt
@@ -413,5 +413,5 @@ class LLM:
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort cleanup
             pass

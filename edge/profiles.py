@@ -57,7 +57,7 @@ class Hardware:
             import onnxruntime as ort
 
             cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken onnxruntime build: no CUDA, detection goes on
             pass
         return cls(platform.system(), platform.machine().lower(), os.cpu_count() or 1, total, avail, board, cuda)
 
@@ -184,8 +184,8 @@ class Profile:
         for part, name in ((keys.PART_VISION, "vision_variant"), (keys.PART_AUDIO, "audio_variant"),
                            (keys.PART_TTS, "tts_variant")):
             want = getattr(self, name)
-            if bundle.has_part(part) and want != "fp32" and \
-                    not any(_role_variant(r) == want for r in bundle.part(part).files):
+            if (bundle.has_part(part) and want != "fp32"
+                    and not any(_role_variant(r) == want for r in bundle.part(part).files)):
                 log.info("bundle %s has no %s %s graphs: using fp32", bundle.root, part, want)
                 changes[name] = "fp32"
         return replace(self, **changes) if changes else self

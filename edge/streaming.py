@@ -40,8 +40,16 @@ from edge.prompt import AUDIO_MARK, IMAGE_MARK, Piece, Prompt
 from edge.runtime import Runtime
 from edge.sampling import SamplingOptions, official_sampling
 from edge.session import ReplyOptions, Session, SpeechOptions
-from edge.streaming_rules import (DEFAULT_MAX_NEW_TOKENS, STREAM_MAX_SLICE_NUMS, STREAM_TERMINATORS,
-                                  UNIT_MARKER, RuleState, finish_generate, plan_generate, plan_prefill)
+from edge.streaming_rules import (
+    DEFAULT_MAX_NEW_TOKENS,
+    STREAM_MAX_SLICE_NUMS,
+    STREAM_TERMINATORS,
+    UNIT_MARKER,
+    RuleState,
+    finish_generate,
+    plan_generate,
+    plan_prefill,
+)
 
 WARMUP_FRAME_SIZE = (640, 480)  # a common camera frame; at one slice per frame every size costs the same
 WARMUP_GREY = (128, 128, 128)

@@ -1,6 +1,7 @@
 """Rows of a GGUF's token-embedding table (`token_embd.weight`), dequantized as llama.cpp's get_rows does.
 
-Why: a live unit is `<|audio_start|>` + 25 audio rows + `<|audio_end|>` (a camera unit adds `<unit><image>` ... `</image>`).
+Why: a live unit is `<|audio_start|>` + 25 audio rows + `<|audio_end|>` (a camera unit adds `<unit><image>` ...
+`</image>`).
 llama.cpp takes a batch of token ids or a batch of embeddings, never both, so such a unit costs one llama_decode
 per run, and on a CPU every call reads all weights once: a 1-token call costs about a decode step (0.27 s for the
 7B Q4_K_M on 2 cores). Feeding the few text tokens as their embedding rows puts the unit in one call.
@@ -51,9 +52,8 @@ GGML_TYPE_F32 = 0  # enum ggml_type
 
 @functools.lru_cache(maxsize=1)
 def _ggml():
-    from llama_cpp import _ctypes_extensions
-
     import llama_cpp
+    from llama_cpp import _ctypes_extensions
 
     lib = _ctypes_extensions.load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
@@ -146,8 +146,8 @@ class _Cursor:
         try:
             out = struct.unpack_from("<" + fmt, self.buf, self.pos)
         except struct.error as e:
-            raise GGUFFormatError(f"{self.path} ends inside its GGUF header (truncated download? fetch it again)") \
-                from e
+            msg = f"{self.path} ends inside its GGUF header (truncated download? fetch it again)"
+            raise GGUFFormatError(msg) from e
         self.pos += struct.calcsize("<" + fmt)
         return out[0] if len(out) == 1 else out
 

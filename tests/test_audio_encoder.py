@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edge import keys
-from edge.audio_encoder import (AudioEncoder, audio_placeholder, chunk_mask, encoder_frames, pooled_tokens)
+from edge.audio_encoder import AudioEncoder, audio_placeholder, chunk_mask, encoder_frames, pooled_tokens
 from edge.audio_features import N_FRAMES, log_mel_pieces
 from edge.bundle import Bundle
 from edge.io.audio import load_audio

@@ -52,8 +52,8 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.split(".")[0] == "edge"}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                and node.module.split(".")[0] == "edge":
+        elif (isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                and node.module.split(".")[0] == "edge"):
             for a in node.names:
                 sub = f"{node.module}.{a.name}"
                 out.add(sub if (EDGE.parent / (sub.replace(".", "/") + ".py")).exists()

@@ -343,11 +343,11 @@ def test_fault_model_files_vanish(golden_bundle, tmp_path):
     """Bundle files disappear after loading: without the audio encoder the session ends with a message naming
     the missing file; without the TTS, replies degrade to text. No thread is left behind either way."""
     from edge.bundle import Bundle
+    from edge.io.speaker import WavSink
     from edge.llm import LLMOptions
     from edge.omni import Omni, OmniOptions
     from edge.onnx_session import OrtOptions
     from edge.orchestrator import LiveOptions, Orchestrator, PacedSink
-    from edge.io.speaker import WavSink
     from edge.streaming import StreamingSession
 
     audio = _script([("silence", 0.3), ("speech", 1.0), ("silence", 1.0)])
@@ -426,7 +426,8 @@ def test_decode_borrows_the_idle_cores_until_the_tts_computes(live, monkeypatch)
 def test_speech_that_ends_early_does_not_stall_the_reply(live, monkeypatch):
     """The TTS ends its speech (EOS) after 3 frames while the LLM goes on: the decode thread must not block on
     the full piece queue; the reply's whole text is decoded and the session ends on its own."""
-    from edge.session import LLM_PIECE_TOKENS as LLM_CHUNK_TOKENS, PIECE_QUEUE
+    from edge.session import LLM_PIECE_TOKENS as LLM_CHUNK_TOKENS
+    from edge.session import PIECE_QUEUE
     from tests.helpers import end_speech_after, never_stop
 
     omni, tts = live

@@ -8,8 +8,15 @@ import textwrap
 
 import pytest
 
-from edge.profiles import (GIB, Hardware, InsufficientMemoryError, check_fits, detect_profile_name, estimate_memory,
-                           resolve_profile)
+from edge.profiles import (
+    GIB,
+    Hardware,
+    InsufficientMemoryError,
+    check_fits,
+    detect_profile_name,
+    estimate_memory,
+    resolve_profile,
+)
 from tests.helpers import REPO
 
 LAPTOP = Hardware("Linux", "x86_64", 8, 16 * GIB, 12 * GIB)

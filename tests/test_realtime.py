@@ -211,12 +211,12 @@ def test_scripted_session_barge_in_and_official_rules(client, engine, sessions, 
     that completes, a unit sent during a reply and a commit that interrupts it: the KV cache equals the official
     rules token for token, every unit was encoded exactly once, and the spoken first reply equals a plain
     StreamingSession run (text and speech samples)."""
-    from edge.voice import OMNI_INSTRUCTIONS as DEFAULT_SYSTEM_PROMPT
-    from edge.sampling import SamplingOptions
     from edge.events import AudioChunk, TextDelta
+    from edge.sampling import SamplingOptions
     from edge.server.chat import pcm16
     from edge.session import SpeechOptions
     from edge.streaming import StreamingSession
+    from edge.voice import OMNI_INSTRUCTIONS as DEFAULT_SYSTEM_PROMPT
 
     png, image = frame
     w = _waves(5)
@@ -367,7 +367,7 @@ def test_clear_instructions_reset_and_cancel_before_start(client, engine, sessio
 
         # the model is busy (held here): a commit waits, its cancel ends it at once, the turn stays open
         with engine.runtime.llm_lock:
-            engine.runtime.kv_owner = other = _Other()
+            engine.runtime.kv_owner = _Other()
             ws.send(type="input.text", text="wait")
             ws.recv()
             ws.send(type="input.commit")
@@ -398,8 +398,8 @@ def test_clear_instructions_reset_and_cancel_before_start(client, engine, sessio
         per_second = _audio_tokens(RATE)  # the clip's placeholder: one start/end pair per second (spec §2.3)
         clip_ph = "".join("<|audio_start|>" + "<unk>" * k + "<|audio_end|>"
                           for k in [per_second] * (clip // per_second) + [clip % per_second] if k)
-        opening = f"{brief} Clone the voice in the provided audio prompt.{clip_ph}As an assistant, you will speak " \
-                  "using this voice style."
+        opening = (f"{brief} Clone the voice in the provided audio prompt.{clip_ph}As an assistant, you will speak "
+                   "using this voice style.")
         ev = [("prefill", "t", "user", opening), ("prefill", "t", "user", "fresh start"),
               ("generate", REPLY.format(0), False)]
         assert _cache_ids(engine.omni) == _expected_ids(engine.omni, ev, _replies(live)[-1:])

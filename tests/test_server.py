@@ -149,11 +149,11 @@ def official_audio_tokens(n_samples: int) -> int:
 def streamed_reply(omni, units, *, seed: int, max_new_tokens: int) -> str:
     """What the realtime socket answers: a streaming session (official rules) opened with the default system
     prompt, one prefill per 1-s unit, then the reply (tests/test_realtime.py checks the socket in depth)."""
-    from edge.voice import OMNI_INSTRUCTIONS as DEFAULT_SYSTEM_PROMPT
     from edge.events import TextDelta
     from edge.sampling import SamplingOptions
     from edge.session import SpeechOptions
     from edge.streaming import StreamingSession
+    from edge.voice import OMNI_INSTRUCTIONS as DEFAULT_SYSTEM_PROMPT
 
     sess = StreamingSession(omni)
     for content in [[DEFAULT_SYSTEM_PROMPT]] + [[u] for u in units]:

@@ -4,7 +4,6 @@ reference (transformers LlamaModel with the official streaming masks), streaming
 from __future__ import annotations
 
 import dataclasses
-
 import importlib.util
 import math
 

@@ -108,7 +108,8 @@ class TorchReference:
         d = self.query.shape[1]
         self.attn = nn.MultiheadAttention(d, d // 128)
         self.attn.load_state_dict({"in_proj_weight": t("attn.in_proj_weight"), "in_proj_bias": t("attn.in_proj_bias"),
-                                   "out_proj.weight": t("attn.out_proj.weight"), "out_proj.bias": t("attn.out_proj.bias")})
+                                   "out_proj.weight": t("attn.out_proj.weight"),
+                                   "out_proj.bias": t("attn.out_proj.bias")})
         self.kv_proj = nn.Linear(vc["hidden_size"], d, bias=False)
         self.kv_proj.weight.data = t("kv_proj.weight")
         self.lns = {}

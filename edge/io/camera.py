@@ -77,7 +77,7 @@ class Camera:
             return None
         try:
             frame = self._read_file() if self.is_file else self._read_device()
-        except Exception as e:  # a driver error is a lost camera, not a crash
+        except Exception as e:  # noqa: BLE001 - a driver error is a lost camera, not a crash
             self._lose(f"camera error: {e}")
             return None
         return frame
@@ -127,7 +127,7 @@ class Camera:
     def close(self) -> None:
         try:
             self._cap.release()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
 
 

@@ -110,7 +110,7 @@ class MicrophoneSource:
         try:
             self._stream.stop()
             self._stream.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
 
 
@@ -242,7 +242,8 @@ class VadSegmenter:
 
     def __init__(self, options: SegmenterOptions | None = None):
         self.options = o = options or SegmenterOptions()
-        self._window: collections.deque[bool] = collections.deque(maxlen=max(1, round(o.window_seconds / PACKET_SECONDS)))
+        window = max(1, round(o.window_seconds / PACKET_SECONDS))
+        self._window: collections.deque[bool] = collections.deque(maxlen=window)
         self._need = o.speech_start_seconds / PACKET_SECONDS
         self._end = max(1, round(o.end_silence_seconds / PACKET_SECONDS))
         self.speaking = False

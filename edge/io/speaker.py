@@ -18,7 +18,6 @@ from edge.constants import TTS_SAMPLE_RATE
 from edge.errors import DeviceError, InvalidInputError
 
 
-
 def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
     """Write float32 mono audio as a 16-bit PCM WAV (what players expect); values are clipped to [-1, 1]."""
     import soundfile as sf
@@ -128,7 +127,7 @@ class SpeakerSink:
         try:
             self._stream.stop()
             self._stream.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
 
 

@@ -228,7 +228,7 @@ class Engine:
             with self._stats_lock:
                 self.stats.completion_tokens += finished.completion_tokens
             emit(finished)
-        except BaseException as e:  # handed to the request; the worker thread must survive
+        except BaseException as e:  # noqa: BLE001 - handed to the request; the worker thread must survive
             emit(e)
         finally:
             with self._stats_lock:

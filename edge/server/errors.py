@@ -10,8 +10,13 @@ import hmac
 import logging
 from typing import TYPE_CHECKING
 
-from edge.errors import (ContextLengthExceededError, CorruptModelFileError, EdgeError, InvalidInputError,
-                         ModelFilesNotFoundError)
+from edge.errors import (
+    ContextLengthExceededError,
+    CorruptModelFileError,
+    EdgeError,
+    InvalidInputError,
+    ModelFilesNotFoundError,
+)
 
 if TYPE_CHECKING:  # the web stack stays optional for importers of this module (engine, chat REPL)
     from fastapi.exceptions import RequestValidationError

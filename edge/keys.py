@@ -18,7 +18,6 @@ PART_LLM = "llm"
 PART_VISION = "vision"
 PART_AUDIO = "audio"
 PART_TTS = "tts"
-PART_TOKENIZERS = "tokenizers"
 
 LLM_GGUF = "llm.gguf"
 

@@ -146,3 +146,27 @@ def wait_until(pred, timeout: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(GATE_POLL_SECONDS)
+
+
+def bundle_with_llm(src: Path, gguf: Path, quant: str, dst: Path) -> Path:
+    """A bundle dir whose ONNX parts are links to `src`'s and whose LLM is `gguf` (a quantised variant without a
+    second conversion of the ONNX parts)."""
+    import hashlib
+    import json
+
+    from edge import keys
+
+    man = json.loads((src / keys.BUNDLE_MANIFEST).read_text())
+    llm = man["parts"][keys.PART_LLM]
+    model = llm["files"]["model"]
+    for p in src.rglob("*"):
+        rel = p.relative_to(src)
+        if p.is_file() and str(rel) not in (keys.BUNDLE_MANIFEST, model["path"]):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dst / rel).symlink_to(p)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / model["path"]).symlink_to(gguf)
+    model.update(bytes=gguf.stat().st_size, sha256=hashlib.sha256(gguf.read_bytes()).hexdigest())
+    llm["meta"]["quant"] = quant
+    (dst / keys.BUNDLE_MANIFEST).write_text(json.dumps(man, indent=1))
+    return dst

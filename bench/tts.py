@@ -130,7 +130,7 @@ def run_reply(bundle, variant: str, seconds: float, threads: int) -> dict:
     t0 = time.perf_counter()
     first, n = None, 0
     for chunk in tts.stream(pieces, spk, states=states):
-        if chunk.size:  # empty chunks only read on after the speech has ended
+        if chunk.size:  # empty chunks: one per text piece read while no audio is ready
             first = first or time.perf_counter() - t0
         n += chunk.shape[0]
     total = time.perf_counter() - t0

@@ -12,7 +12,7 @@ from tests.helpers import REPO
 EDGE = REPO / "edge"
 # Bottom to top. A module may import modules of its own layer and of the layers below.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("constants, errors, options, events", {"edge", "edge.constants", "edge.errors", "edge.keys", "edge.options",
+    ("constants, errors, options, events", {"edge.constants", "edge.errors", "edge.keys", "edge.options",
                                             "edge.events"}),
     ("stages", {"edge.bundle", "edge.onnx_session", "edge.llm", "edge.token_rows", "edge.sampling",
                 "edge.image_preprocess", "edge.audio_features", "edge.audio_encoder", "edge.vision", "edge.tts",
@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                                                    "edge.voice", "edge.turns", "edge.governor", "edge.profiles"}),
     ("runtime", {"edge.runtime"}),
     ("session", {"edge.session", "edge.streaming"}),
-    ("facade", {"edge.omni"}),
+    ("facade", {"edge.omni", "edge"}),  # the package root: `from edge import Omni`
     ("apps and server", {"edge.cli", "edge.demo", "edge.chat_repl", "edge.live", "edge.orchestrator",
                          "edge.default_bundle", "edge.server"}),
 ]

@@ -249,7 +249,7 @@ def test_explicit_options_take_precedence_over_the_profile(golden_bundle):
 
 
 def test_server_and_chat_load_under_the_profile(golden_bundle, monkeypatch, capsys):
-    """serve and chat build their engine with Engine.load: the profile (with the --threads flag and --set) is
+    """serve (Engine.load) and chat (chat_repl.load_model) load under the profile: the profile (with the --threads flag and --set) is
     printed and applied; without a profile the engine loads as before (fp32 graphs, n_ctx 4096)."""
     from edge.chat_repl import ChatOptions, ChatSession
     from edge.server.engine import Engine
@@ -270,7 +270,7 @@ def test_server_and_chat_load_under_the_profile(golden_bundle, monkeypatch, caps
 
     chat = ChatSession(ChatOptions(bundle=str(golden_bundle.root), profile="laptop", overrides=(("n_ctx", 1024),)))
     try:
-        got = _loaded(chat.engine.omni)
+        got = _loaded(chat.omni)
         assert got["n_ctx"] == 1024 and got["llm_threads"] == 4 and got["vision_file"].endswith("int8.onnx")
     finally:
         chat.close()

@@ -237,6 +237,8 @@ def _stream(tts, pieces, spk, *, early: bool, eager: bool = False, states=None, 
     try:
         out = []
         for c in tts.stream(pieces, spk, states=states):
+            if not c.size:  # one empty chunk per piece read while no audio is ready
+                continue
             if on_chunk is not None:
                 on_chunk()
             out.append(c)

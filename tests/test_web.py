@@ -671,7 +671,7 @@ def test_voice_clone_and_image_upload(browser, stack, golden_dir, tmp_path):
     import soundfile as sf
     from PIL import Image
 
-    from edge.server.engine import CLONE_PROMPT
+    from edge.voice import CLONE_PREFIX
 
     clip_rate, clip_s, clip_hz = 22050, 3.0, 300.0  # a rate the page must resample
     t = np.arange(int(clip_s * clip_rate)) / clip_rate
@@ -699,7 +699,7 @@ def test_voice_clone_and_image_upload(browser, stack, golden_dir, tmp_path):
         msgs = runs[n]["job"].messages
         def is_clone(m) -> bool:
             c = m["content"]
-            return isinstance(c, list) and bool(c) and isinstance(c[0], str) and c[0] == CLONE_PROMPT[0]
+            return isinstance(c, list) and bool(c) and isinstance(c[0], str) and c[0] == CLONE_PREFIX
 
         clone = [m for m in msgs if is_clone(m)]
         assert len(clone) == 1

@@ -61,3 +61,7 @@ class InvalidInputError(EdgeError, ValueError):
 
 class OfflineError(EdgeError, ConnectionError):
     """A download was needed but the network (or the hub) cannot be reached."""
+
+
+class ChatTemplateError(EdgeError, ValueError):
+    """The bundle's chat template is missing, does not compile, or refuses the messages."""

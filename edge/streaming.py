@@ -44,7 +44,7 @@ import numpy as np
 from edge import keys
 from edge.errors import InvalidInputError
 from edge.llm import TokenEvent
-from edge.prompt import AUDIO_MARK, IMAGE_MARK, Media, Piece, Prompt
+from edge.prompt import AUDIO_MARK, IMAGE_MARK, Media, Piece, Prompt, TrustedText
 from edge.sampling import SamplingOptions
 
 AUDIO_RATE = 16000  # Whisper input rate (spec §2.3)
@@ -327,7 +327,7 @@ class StreamingSession:
         from edge.audio_encoder import audio_placeholder
 
         if isinstance(item, str):
-            return Piece(item, item == UNIT_MARKER)
+            return Piece(item, item == UNIT_MARKER or isinstance(item, TrustedText))  # get_sys_prompt's voice
         if isinstance(item, np.ndarray) and item.ndim == 1:
             wave = np.asarray(item, dtype=np.float32)
             if wave.size == 0:

@@ -69,7 +69,7 @@ def _content(omni, d, step):
     return out
 
 
-def _run(omni, d, case, steps, *, only_generate_of=None):
+def _run(omni, d, case, steps, *, only_generate_of=None, audio=False):
     """Play one recorded session; returns per-prefill and per-turn observations."""
     prompts, fed = [], []
     real_build, real_prefill = omni.prompts.build_pieces, omni.llm.prefill
@@ -94,10 +94,11 @@ def _run(omni, d, case, steps, *, only_generate_of=None):
                 before = omni.llm.n_past
                 chunks = list(omni.streaming_generate(case["session_id"], max_new_tokens=step["gen_tokens"],
                                                       sampling=True, temperature=0.0, repetition_penalty=1.0,
-                                                      generate_audio=False))
+                                                      generate_audio=audio and "generate_audio=True" in step["call"]))
                 cached = omni.llm.cached_tokens()
                 turns.append({"before": before, "after": omni.llm.n_past,
-                              "ids": cached[before + GENERATE_PROMPT_LEN:], "text": "".join(c.text for c in chunks)})
+                              "ids": cached[before + GENERATE_PROMPT_LEN:], "text": "".join(c.text for c in chunks),
+                              "audio": [c.audio for c in chunks if getattr(c, "audio", None) is not None]})
                 continue
             prompts.clear()
             fed.clear()
@@ -277,3 +278,46 @@ def test_chat_audio_tts_from_the_official_text(golden_omni, sref):
     assert tie < len(codes) or len(greedy) == len(codes)  # and the end code at the same step
     assert merr <= EMBED_TOL
     assert wav.size == z["chat_audio_wav"].size and werr <= EMBED_TOL
+
+
+# --- streaming speech (first turns: before any fed-back-token difference) ---------------------------------------
+@pytest.fixture(scope="module")
+def played_audio(golden_omni, sref):
+    """s1_audio up to turn 0 and s2_omni turn 0 with generate_audio=True, the TTS greedy as in the reference."""
+    import dataclasses
+
+    from edge.tts.sampling import SamplingOptions as CodeSampling
+
+    d, cases, _ = sref
+    tts = golden_omni.tts
+    saved = tts.options
+    # official cadence: no codes ahead of the official calls, each chunk held until the next (the runtime's
+    # defaults, eager_codes / early_audio, give the same concatenated audio sooner, in other chunk boundaries)
+    tts.options = dataclasses.replace(saved, sampling=CodeSampling(greedy=True), eager_codes=False, early_audio=False)
+    try:
+        out = {}
+        for name in ("s1_audio", "s2_omni"):
+            steps = cases["cases"][name]["steps"]
+            first_gen = next(i for i, s in enumerate(steps) if s["step"] == "generate")
+            out[name] = _run(golden_omni, d, cases["cases"][name], steps[:first_gen + 1], audio=True)[1][0]
+    finally:
+        tts.options = saved
+    return out
+
+
+@pytest.mark.parametrize("name", ["s1_audio", pytest.param("s2_omni", marks=pytest.mark.xfail(
+    strict=True, reason=SPECIALS_IN_TEXT + " (the official TTS reads '<|vision_start|>' x 24 here)"))])
+def test_streamed_speech_first_turn(played_audio, sref, name):
+    """Turn 0 with speech: the same LLM ids, the streamed audio chunk lengths exactly, the samples within
+    1e-4 * max|ref|."""
+    _, _, z = sref
+    turn, key = played_audio[name], f"{name}_t0"
+    lens = [a.size for a in turn["audio"]]
+    ref_lens = z[f"{key}_wav_chunk_lens"].tolist()
+    wav = np.concatenate(turn["audio"]) if turn["audio"] else np.zeros(0, np.float32)
+    err = rel_err(wav, z[f"{key}_wav"]) if wav.size == z[f"{key}_wav"].size else float("nan")
+    print(f"{key}: {len(lens)} audio chunks (ref {len(ref_lens)}), {wav.size} samples (ref {z[f'{key}_wav'].size}), "
+          f"wav err {err:.2e}")
+    assert turn["ids"] == z[f"{key}_gen_ids"].tolist()
+    assert lens == ref_lens
+    assert err <= EMBED_TOL

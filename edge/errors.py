@@ -78,3 +78,6 @@ class InsufficientMemoryError(EdgeError, MemoryError):
 
 class DeviceError(EdgeError, RuntimeError):
     """A microphone, speaker or camera cannot be opened or stopped working; the message names the device fix."""
+
+class ChatTemplateError(EdgeError, ValueError):
+    """The bundle's chat template is missing, does not compile, or refuses the messages."""

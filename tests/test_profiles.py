@@ -249,8 +249,8 @@ def test_explicit_options_take_precedence_over_the_profile(golden_bundle):
 
 
 def test_server_and_chat_load_under_the_profile(golden_bundle, monkeypatch, capsys):
-    """serve (Engine.load) and chat (chat_repl.load_model) load under the profile: the profile (with the --threads flag and --set) is
-    printed and applied; without a profile the engine loads as before (fp32 graphs, n_ctx 4096)."""
+    """serve (Engine.load) and chat (chat_repl.load_model) load under the profile: the profile (with the --threads
+    flag and --set) is printed and applied; without a profile the engine loads as before (fp32 graphs, n_ctx 4096)."""
     from edge.chat_repl import ChatOptions, ChatSession
     from edge.server.engine import Engine
     from edge.server.settings import ServerSettings

@@ -61,3 +61,7 @@ class InvalidInputError(EdgeError, ValueError):
 
 class OfflineError(EdgeError, ConnectionError):
     """A download was needed but the network (or the hub) cannot be reached."""
+
+
+class UnsafePickleError(CorruptModelFileError):
+    """A pickle file (a torch `.pt`) names code other than tensor storages; it is refused, never run."""

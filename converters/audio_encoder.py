@@ -70,7 +70,7 @@ class AudioDims:
         return self.d_model // self.n_heads
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint) -> "AudioDims":
+    def from_checkpoint(cls, ckpt: Checkpoint) -> AudioDims:
         """Sizes from tensor shapes (robust to sparse config.json files); heads and pooling from the config."""
         ckpt.require([APM + "conv1.weight", APM + "embed_positions.weight", PROJ + "linear2.weight"])
         d_model, n_mels, _ = ckpt.tensors[APM + "conv1.weight"].shape

@@ -49,7 +49,7 @@ class WeightStore:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb")  # noqa: SIM115 (closed by close() or the with block)
         self._stored: dict[str, tuple[int, int, tuple[int, ...], int]] = {}
 
     def tensor(self, name: str, array: np.ndarray):
@@ -74,7 +74,7 @@ class WeightStore:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "WeightStore":
+    def __enter__(self) -> WeightStore:
         return self
 
     def __exit__(self, *exc) -> None:

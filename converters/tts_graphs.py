@@ -12,8 +12,8 @@ MultiHeadAttention's past input would concatenate (copy) at every step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -81,6 +81,16 @@ class WeightStore:
         self.close()
 
 
+def probe_run(path: Path, feed: dict, outputs: list[str] | None = None) -> list[np.ndarray]:
+    """One converter-side check run of a written graph. Weight pre-packing is off: it would hold a second copy
+    of every weight for a single run (a full-size part's weights are GBs)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(outputs, feed)
+
+
 def quantize_int8_per_channel(w_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(K, N) float -> (uint8 (K, N) around INT8_ZERO, scale (N,)): symmetric per output column, round to nearest."""
     amax = np.abs(w_t).max(axis=0).astype(np.float32)

@@ -1,7 +1,7 @@
 """Export the MiniCPM-o 2.6 TTS (ConditionalChatTTS + DVAE decoder + Vocos) to ONNX graphs and numpy tables.
 
 What is written (under `tts/` in the bundle; roles/names are owned by edge/tts/backbone.py and decoder.py):
-- backbone.{fp32,int8}.onnx: the Llama of `tts.model` with explicit past keys/values in, the new positions'
+- backbone.{fp32,int8}.onnx (+ .weights, external data): the Llama of `tts.model` with explicit past keys/values in, the new positions'
   keys/values out, an additive attention mask and position ids in; works for n-token prefill and 1-token steps,
   with any past length (0 included), and the 4 weight-normed `head_code` projections of the last position.
 - projector.fp32.onnx: `tts.projector` (Linear-ReLU-Linear) + L2 normalisation, as `merge_inputs_embeds` does.
@@ -30,7 +30,7 @@ import numpy as np
 
 from converters import tts_graphs as G
 from converters.checkpoint import Checkpoint
-from converters.onnx_graph import Graph, LinearKind
+from converters.onnx_graph import Graph, LinearKind, WeightStore, probe_run
 from converters.progress import reporter
 from converters.torch_pickle import load_state_dict
 from edge.bundle import BundleFile, BundlePart
@@ -48,6 +48,7 @@ TOKENIZER_SRC = "assets/chattts_tokenizer"
 # Hard-coded sizes of the official code (`initialize_vocos`), spec §1.7.
 SAMPLE_RATE = 24000
 VOCOS_N_FFT, VOCOS_HOP = 1024, 256
+WEIGHTS_ROLE_SUFFIX = ".weights"  # bundle role of a graph's external-data file: "<graph role>.weights"
 INT8_MIN_COSINE = 0.99  # below this on the export probe an int8 graph is not written (the runtime uses fp32)
 
 # ConditionalChatTTSConfig defaults (official configuration_minicpm.py) for keys a config.json may omit.
@@ -69,9 +70,7 @@ class _Cfg:
 
 
 def _run(path: Path, feed: dict) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+    return probe_run(path, feed)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -79,22 +78,36 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def _write(path: Path, build) -> Path:
-    """Build one graph into `path`, its weights streamed into the graph file's inline initializers."""
-    g = Graph(path.stem)
-    build(g)
-    return g.save(path)
+def weights_path(graph: Path) -> Path:
+    """The external-data file of a graph written with `external=True` (`backbone.fp32.onnx` -> `.weights`)."""
+    return graph.with_suffix(".weights")
 
 
-def _int8_variant(fp32: Path, build, name: str, feed: dict, progress: bool) -> tuple[Path | None, float]:
+def _write(path: Path, build, external: bool = False) -> Path:
+    """Build one graph into `path`; with `external` its weights stream into `weights_path(path)` while it is
+    built (the backbone: hundreds of MB that should never all be in memory at once)."""
+    if not external:
+        g = Graph(path.stem)
+        build(g)
+        return g.save(path)
+    with WeightStore(weights_path(path)) as store:
+        g = Graph(path.stem, store)
+        build(g)
+        return g.save(path)
+
+
+def _int8_variant(fp32: Path, build, name: str, feed: dict, progress: bool,
+                  external: bool = False) -> tuple[Path | None, float]:
     """Write the int8 graph next to `fp32`; keep it only if its probe outputs stay within INT8_MIN_COSINE."""
-    out = _write(fp32.with_name(fp32.name.replace(".fp32.", ".int8.")), build)
-    cos = min(_cos(a, b) for a, b in zip(_run(out, feed), _run(fp32, feed)))
+    ref = _run(fp32, feed)
+    out = _write(fp32.with_name(fp32.name.replace(".fp32.", ".int8.")), build, external)
+    cos = min(_cos(a, b) for a, b in zip(_run(out, feed), ref))
     reporter("tts", progress)(f"{name} int8: cosine vs fp32 on the probe = {cos:.5f}")
     if cos < INT8_MIN_COSINE:
         log.warning("tts %s int8 cosine %.4f < %.2f: not written, the runtime will use fp32", name, cos,
                     INT8_MIN_COSINE)
         out.unlink()
+        weights_path(out).unlink(missing_ok=True)
         return None, cos
     return out, cos
 
@@ -168,13 +181,15 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
     for i in range(L):
         for nm in B.past_names(i):
             feed[nm] = (rng.standard_normal((1, NH, past, hd)) * 0.5).astype(np.float32)
-    p = _write(path("backbone.fp32.onnx"), lambda g: G.backbone(g, get, dims, heads, LinearKind.FP32))
+    p = _write(path("backbone.fp32.onnx"), lambda g: G.backbone(g, get, dims, heads, LinearKind.FP32), True)
     files[B.variant_role(B.ROLE_BACKBONE, "fp32")] = rel(p)
+    files[B.variant_role(B.ROLE_BACKBONE, "fp32") + WEIGHTS_ROLE_SUFFIX] = rel(weights_path(p))
     if int8:
         q8, int8_cos["backbone"] = _int8_variant(
-            p, lambda g: G.backbone(g, get, dims, heads, LinearKind.NBITS8), "backbone", feed, progress)
+            p, lambda g: G.backbone(g, get, dims, heads, LinearKind.NBITS8), "backbone", feed, progress, True)
         if q8:
             files[B.variant_role(B.ROLE_BACKBONE, "int8")] = rel(q8)
+            files[B.variant_role(B.ROLE_BACKBONE, "int8") + WEIGHTS_ROLE_SUFFIX] = rel(weights_path(q8))
 
     say("dvae decoder")
     n_dvae = len({k.split(".")[4] for k in ckpt.names("tts.dvae.decoder.decoder_block.")})

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.checkpoint import Checkpoint
-from converters.onnx_graph import Graph, LinearKind, WeightStore
+from converters.onnx_graph import Graph, LinearKind, WeightStore, probe_run
 from converters.progress import reporter
 from edge import vision as rt
 from edge.bundle import BundleFile, BundlePart
@@ -55,6 +55,9 @@ SINCOS_BASE = 10000.0
 # Above this many weight bytes the fp32 graph goes to ONNX external data (protobuf files stop at 2 GiB; the
 # real checkpoint's ~485 M vision parameters are ~1.94 GB in float32).
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
+# The int8 graph's external data when the fp32 graph has one too (the runtime only opens the graph file).
+FILE_INT8_DATA = "vision.int8.onnx.data"
+ROLE_INT8_DATA = "int8_data"
 # Synthetic image for the int8-vs-fp32 check: 640x480 slices into a 2x1 grid (3 slices of real sizes).
 _CHECK_IMAGE_SIZE = (640, 480)
 
@@ -249,11 +252,9 @@ def _write(ckpt: Checkpoint, dims: VisionDims, out_dir: Path, kind: LinearKind, 
 
 def int8_cosine(fp32_path: Path, int8_path: Path, dims: VisionDims) -> float:
     """Cosine similarity of int8 vs fp32 vision embeddings on the synthetic check image."""
-    from edge.onnx_session import make_session
-
     feeds = _example_batch(dims).feeds()
-    a = make_session(fp32_path).run([rt.OUT_EMBEDS], feeds)[0].astype(np.float64).ravel()
-    b = make_session(int8_path).run([rt.OUT_EMBEDS], feeds)[0].astype(np.float64).ravel()
+    a = probe_run(fp32_path, feeds, [rt.OUT_EMBEDS])[0].astype(np.float64).ravel()
+    b = probe_run(int8_path, feeds, [rt.OUT_EMBEDS])[0].astype(np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
@@ -275,8 +276,10 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
     meta = {**asdict(dims), "variants": [rt.ROLE_FP32]}
     if int8:
         say("int8: per-channel 8-bit weight MatMuls")
-        _write(ckpt, dims, out_dir, LinearKind.INT8, rt.FILE_INT8, None)
+        _write(ckpt, dims, out_dir, LinearKind.INT8, rt.FILE_INT8, FILE_INT8_DATA if external else None)
         roles.append((rt.ROLE_INT8, rt.FILE_INT8))
+        if external:
+            roles.append((ROLE_INT8_DATA, FILE_INT8_DATA))
         meta["variants"].append(rt.ROLE_INT8)
         meta["int8_cosine_vs_fp32"] = int8_cosine(out_dir / rt.FILE_FP32, out_dir / rt.FILE_INT8, dims)
         say(f"int8 vs fp32 cosine on a synthetic image: {meta['int8_cosine_vs_fp32']:.5f}")

@@ -10,12 +10,13 @@ holds only its location. Conversion memory is then one tensor at a time, not the
 may share one store: a tensor added twice under the same name is stored once (the whole-utterance and
 streaming audio graphs hold the same weights).
 
-Linear layers come in three variants (`LinearKind`): fp32 MatMul; int8 = per-output-channel symmetric 8-bit
+Linear layers come in three variants (`LinearKind`): fp32 MatMul; int8 = per-output-channel symmetric int8
 weights run by onnxruntime's `DynamicQuantizeMatMul` (activations quantised to uint8 at run time, what
-`onnxruntime.quantization.quantize_dynamic(per_channel=True)` produces after onnxruntime's own fusion). The
-weights are stored as uint8 with zero point 128, not as int8: with int8 weights this onnxruntime's AVX2
-u8 x s8 kernel saturates its 16-bit pair sums (measured: cosine 0.982 vs fp32 on one golden Whisper fc1,
-0.99996 with uint8 weights). nbits8 =
+`onnxruntime.quantization.quantize_dynamic(per_channel=True)` produces after onnxruntime's own fusion), with
+7-bit weight values ([-63, 63], onnxruntime's `reduce_range`): on x86 CPUs without VNNI the u8 x s8 kernel sums
+pairs of products in 16 bits, which saturates with full 8-bit weights (measured: cosine 0.982 vs fp32 on one
+golden Whisper fc1 with [-127, 127]; uint8 weights avoid it too but run ~4x slower, 17.6 s vs 4.3 s for a
+448x448 SigLIP slice). nbits8 =
 weight-only 8-bit blocks of 32 in `MatMulNBits` (the block layout of llama.cpp's Q8_0).
 """
 
@@ -32,8 +33,8 @@ OPSET = 17  # LayerNormalization is in the default domain from 17 on
 MS_OPSET = 1
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inline (scales, norms of the tiny checkpoints)
 EXTERNAL_ALIGN = 4096  # page alignment for memory-mapping
-INT8_QMAX = 127  # symmetric 8-bit: [-127, 127], what onnxruntime's quantizer uses for symmetric QInt8
-INT8_ZERO = 128  # the symmetric values are stored as uint8 around this zero point (see the module docstring)
+INT8_QMAX = 63  # 7-bit symmetric int8 weights (onnxruntime's reduce_range; see the module docstring)
+NBITS_QMAX = 127  # MatMulNBits' int8 blocks use the full range (its kernels do not saturate)
 NBITS_BITS, NBITS_BLOCK, NBITS_ACCURACY_LEVEL = 8, 32, 4  # accuracy level 4: int8 dot products
 NBITS_ZERO = 1 << (NBITS_BITS - 1)  # MatMulNBits' implied zero point when none is given (2^(bits-1))
 
@@ -92,11 +93,11 @@ def probe_run(path: Path, feed: dict, outputs: list[str] | None = None) -> list[
 
 
 def quantize_int8_per_channel(w_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(K, N) float -> (uint8 (K, N) around INT8_ZERO, scale (N,)): symmetric per output column, round to nearest."""
+    """(K, N) float -> (int8 (K, N), scale (N,)): symmetric per output column, round to nearest."""
     amax = np.abs(w_t).max(axis=0).astype(np.float32)
     scale = np.where(amax > 0, amax / INT8_QMAX, np.float32(1.0)).astype(np.float32)
-    q = np.clip(np.rint(w_t / scale), -INT8_QMAX, INT8_QMAX) + INT8_ZERO
-    return q.astype(np.uint8), scale
+    q = np.clip(np.rint(w_t / scale), -INT8_QMAX, INT8_QMAX)
+    return q.astype(np.int8), scale
 
 
 def quantize_nbits8(w: np.ndarray, block: int = NBITS_BLOCK) -> tuple[np.ndarray, np.ndarray]:
@@ -107,8 +108,8 @@ def quantize_nbits8(w: np.ndarray, block: int = NBITS_BLOCK) -> tuple[np.ndarray
     pad = -k % block
     wb = np.pad(w.astype(np.float32), ((0, 0), (0, pad))).reshape(n, -1, block)
     amax = np.abs(wb).max(axis=2)
-    scale = np.where(amax > 0, amax / INT8_QMAX, np.float32(1.0)).astype(np.float32)
-    q = np.clip(np.rint(wb / scale[..., None]), -INT8_QMAX, INT8_QMAX) + NBITS_ZERO
+    scale = np.where(amax > 0, amax / NBITS_QMAX, np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.rint(wb / scale[..., None]), -NBITS_QMAX, NBITS_QMAX) + NBITS_ZERO
     return q.astype(np.uint8), scale.reshape(-1)
 
 
@@ -186,7 +187,7 @@ class Graph:
         n_out, k = w.shape
         if kind is LinearKind.INT8:
             q, scale = quantize_int8_per_channel(np.ascontiguousarray(w.T, dtype=np.float32))
-            zp = np.full(n_out, INT8_ZERO, dtype=np.uint8)
+            zp = np.zeros(n_out, dtype=np.int8)
             bias = self.const(b.astype(np.float32), name + ".bias") if b is not None else None
             return self.ms("DynamicQuantizeMatMul", x, self.const(q, name + ".weight_q"),
                            self.const(scale, name + ".weight_scale"), self.const(zp, name + ".weight_zp"), bias)

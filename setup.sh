@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up MiniCPM-o Edge in ./.venv on a fresh machine.
-#   bash setup.sh          runtime + converter (the converter builds the built-in default bundle on first use)
-#   bash setup.sh --dev    the same plus the test tools
+#   bash setup.sh          runtime + converter (the converter builds the built-in default bundle on first use);
+#                          no torch: the converter writes its ONNX graphs from the weights with numpy + onnx
+#   bash setup.sh --dev    the same plus the test tools and torch (CPU) for the reference tests
 # llama-cpp-python has no Linux binary wheel on PyPI: pip compiles it (about 7-10 minutes on 2 cores, once;
 # pip caches the wheel). For Metal/CUDA builds set CMAKE_ARGS first (see README, "Hardware").
 set -euo pipefail
@@ -28,8 +29,12 @@ fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch==2.13.0 is pinned in the convert extra; install it first so nothing pulls a different (CUDA) build.
-.venv/bin/python -m pip install -q "torch==2.13.0"
+if [ "${1:-}" = "--dev" ]; then
+  # torch==2.13.0 is pinned in the dev extra (reference tests only); install it first so that nothing pulls a
+  # different build. PyPI's Linux wheel is the CUDA one: TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+  # selects the CPU wheel.
+  .venv/bin/python -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
+fi
 .venv/bin/python -m pip install -q -e ".[${extras}]"
 # Silero VAD for live turn-taking: only its bundled ONNX model is used (run by onnxruntime). The package's own
 # metadata requires torch, hence --no-deps; without it live mode falls back to an energy VAD.

@@ -87,13 +87,14 @@ def main(argv=None) -> None:
 def run(a: argparse.Namespace, work: Path) -> None:
     import torch
 
-    from converters.audio_encoder import AudioDims, build_torch_modules, export
+    from converters.audio_encoder import AudioDims, export
     from converters.checkpoint import Checkpoint
     from edge import keys
     from edge.audio_encoder import AudioEncoder, chunk_mask, encoder_frames
     from edge.audio_features import LogMelExtractor
     from edge.bundle import Bundle
     from edge.onnx_session import OrtOptions
+    from tests.audio_torch_ref import build_torch_modules
 
     if a.ckpt is not None:
         ckpt_dir, label = a.ckpt, str(a.ckpt)

@@ -103,12 +103,13 @@ def _run(a: argparse.Namespace, work: Path) -> None:
     import torch
 
     from converters.checkpoint import Checkpoint
-    from converters.vision import VisionDims, build_torch_module, export
+    from converters.vision import VisionDims, export
     from edge import keys
     from edge import vision as rt
     from edge.bundle import Bundle
     from edge.image_preprocess import preprocess_image
     from edge.onnx_session import OrtOptions
+    from tests.vision_torch_ref import build_torch_module
 
     ckpt = None
     if a.ckpt is not None:

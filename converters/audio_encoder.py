@@ -20,10 +20,15 @@ carried. The streaming graph reproduces exactly that, so chunked streaming is *n
 whole-utterance block-causal mask at chunk borders (there, conv windows reach one mel frame into the
 neighbouring chunk, and the mel itself is computed on the whole utterance); see tests/test_audio_encoder.py.
 
-The two graphs of a variant share one external-data weights file (`share_weights`), so the weights are on
-disk once per variant. Both graphs also output `apm_hidden`, the encoder's final hidden state (after the
-final layer norm), the input of the projector. int8 variants come from onnxruntime dynamic quantisation of the
-MatMul weights.
+The graphs are written with converters/onnx_graph.py straight from the checkpoint's tensors (no torch), with
+onnxruntime's fused CPU operators: MultiHeadAttention (the streaming graph's past keys/values go in as its
+past inputs and come out concatenated as present), SkipLayerNormalization (residual add + next LayerNorm +
+the projection's bias) and BiasGelu. The two graphs of a variant share one external-data weights file,
+written tensor by tensor while the graphs are built, so the weights are on disk once per variant and never
+all in memory. Both graphs also output `apm_hidden`, the encoder's final hidden state (after the final layer
+norm), the input of the projector. int8 variants: per-channel int8 weights in DynamicQuantizeMatMul (the
+convolutions stay float: a small share of the compute, and ConvInteger is slower than float Conv on most CPU
+builds of onnxruntime).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.checkpoint import Checkpoint
-from converters.int8 import REDUCE_RANGE
+from converters.onnx_graph import Graph, LinearKind, WeightStore
 from converters.progress import reporter
 from edge import audio_encoder as rt
 from edge.bundle import BundleFile, BundlePart
@@ -42,14 +47,10 @@ from edge.errors import InvalidInputError
 
 APM = "apm."
 PROJ = "audio_projection_layer."
-OPSET = 17
 # openai/whisper-medium encoder values (spec §1.6), used only when config.json lacks the key.
 WHISPER_MEDIUM_HEADS = 16
 # nn.LayerNorm default eps; Whisper's layer norms are built without an eps argument.
 LAYER_NORM_EPS = 1e-5
-# Initializers of at least this size go to the shared external-data file, at page-aligned offsets.
-EXTERNAL_MIN_BYTES = 1024
-EXTERNAL_ALIGN = 4096
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class AudioDims:
         return self.d_model // self.n_heads
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint) -> "AudioDims":
+    def from_checkpoint(cls, ckpt: Checkpoint) -> AudioDims:
         """Sizes from tensor shapes (robust to sparse config.json files); heads and pooling from the config."""
         ckpt.require([APM + "conv1.weight", APM + "embed_positions.weight", PROJ + "linear2.weight"])
         d_model, n_mels, _ = ckpt.tensors[APM + "conv1.weight"].shape
@@ -106,175 +107,95 @@ def required_tensors(dims: AudioDims) -> list[str]:
     return names
 
 
-def build_torch_modules(ckpt: Checkpoint, dims: AudioDims):
-    """(whole, stream) torch modules holding the checkpoint's float32 weights. torch is imported here only."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    def param(name: str) -> nn.Parameter:
-        return nn.Parameter(torch.from_numpy(np.ascontiguousarray(ckpt.f32(name))), requires_grad=False)
-
-    class Layer(nn.Module):
-        def __init__(self, i: int):
-            super().__init__()
-            p = f"{APM}layers.{i}."
-            for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                setattr(self, n + "_w", param(p + f"self_attn.{n}.weight"))
-            self.q_b, self.v_b = param(p + "self_attn.q_proj.bias"), param(p + "self_attn.v_proj.bias")
-            self.out_b = param(p + "self_attn.out_proj.bias")
-            self.ln1_w, self.ln1_b = param(p + "self_attn_layer_norm.weight"), param(p + "self_attn_layer_norm.bias")
-            self.ln2_w, self.ln2_b = param(p + "final_layer_norm.weight"), param(p + "final_layer_norm.bias")
-            self.fc1_w, self.fc1_b = param(p + "fc1.weight"), param(p + "fc1.bias")
-            self.fc2_w, self.fc2_b = param(p + "fc2.weight"), param(p + "fc2.bias")
-
-        def heads(self, x):  # (B, S, D) -> (B, H, S, hd)
-            return x.reshape(x.shape[0], x.shape[1], dims.n_heads, dims.head_dim).transpose(1, 2)
-
-        def forward(self, x, mask, past_k=None, past_v=None):
-            h = F.layer_norm(x, (dims.d_model,), self.ln1_w, self.ln1_b, LAYER_NORM_EPS)
-            q = self.heads(F.linear(h, self.q_proj_w, self.q_b))
-            k = self.heads(F.linear(h, self.k_proj_w))  # Whisper's k_proj has no bias
-            v = self.heads(F.linear(h, self.v_proj_w, self.v_b))
-            if past_k is not None:
-                k = torch.cat([past_k, k], dim=2)
-                v = torch.cat([past_v, v], dim=2)
-            scores = torch.matmul(q, k.transpose(2, 3)) * (dims.head_dim ** -0.5)
-            if mask is not None:
-                scores = scores + mask
-            a = torch.matmul(torch.softmax(scores, dim=-1), v)
-            a = a.transpose(1, 2).reshape(x.shape[0], x.shape[1], dims.d_model)
-            x = x + F.linear(a, self.out_proj_w, self.out_b)
-            h = F.layer_norm(x, (dims.d_model,), self.ln2_w, self.ln2_b, LAYER_NORM_EPS)
-            x = x + F.linear(F.gelu(F.linear(h, self.fc1_w, self.fc1_b)), self.fc2_w, self.fc2_b)
-            return x, k, v
-
-    class Core(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1_w, self.conv1_b = param(APM + "conv1.weight"), param(APM + "conv1.bias")
-            self.conv2_w, self.conv2_b = param(APM + "conv2.weight"), param(APM + "conv2.bias")
-            self.pos = param(APM + "embed_positions.weight")
-            self.layers = nn.ModuleList(Layer(i) for i in range(dims.n_layers))
-            self.ln_w, self.ln_b = param(APM + "layer_norm.weight"), param(APM + "layer_norm.bias")
-            self.p1_w, self.p1_b = param(PROJ + "linear1.weight"), param(PROJ + "linear1.bias")
-            self.p2_w, self.p2_b = param(PROJ + "linear2.weight"), param(PROJ + "linear2.bias")
-
-        def front(self, mel, offset):
-            """conv1+GELU, conv2 (stride 2)+GELU, + position rows offset..offset+S (clamped to the table)."""
-            x = F.gelu(F.conv1d(mel, self.conv1_w, self.conv1_b, padding=1))
-            x = F.gelu(F.conv1d(x, self.conv2_w, self.conv2_b, stride=2, padding=1)).transpose(1, 2)
-            ids = torch.arange(x.shape[1], dtype=torch.int64) + offset
-            ids = torch.clamp(ids, max=dims.max_positions - 1)
-            return x + self.pos[ids]
-
-        def back(self, x):
-            """Final layer norm -> apm_hidden; projector -> AvgPool1d(pool_step) -> audio_embeds."""
-            hidden = F.layer_norm(x, (dims.d_model,), self.ln_w, self.ln_b, LAYER_NORM_EPS)
-            e = F.linear(torch.relu(F.linear(hidden, self.p1_w, self.p1_b)), self.p2_w, self.p2_b)
-            e = F.avg_pool1d(e.transpose(1, 2), dims.pool_step, dims.pool_step).transpose(1, 2)
-            return hidden, e
-
-    class Whole(nn.Module):
-        def __init__(self, core):
-            super().__init__()
-            self.core = core
-
-        def forward(self, mel, attn_mask):
-            x = self.core.front(mel, 0)
-            for layer in self.core.layers:
-                x, _, _ = layer(x, attn_mask)
-            return self.core.back(x)
-
-    class Stream(nn.Module):
-        def __init__(self, core):
-            super().__init__()
-            self.core = core
-
-        def forward(self, mel, *past):
-            x = self.core.front(mel, past[0].shape[2])
-            presents = []
-            for i, layer in enumerate(self.core.layers):
-                x, k, v = layer(x, None, past[2 * i], past[2 * i + 1])
-                presents += [k, v]
-            hidden, e = self.core.back(x)
-            return (hidden, e, *presents)
-
-    core = Core().eval()
-    return Whole(core).eval(), Stream(core).eval()
+F32 = np.float32
 
 
-def _export_graphs(whole, stream, dims: AudioDims, out_dir: Path) -> None:
-    import torch
-
-    t = 2 * rt.MEL_FRAMES_PER_SECOND  # example lengths only; all time axes are dynamic
-    s = (t - 1) // 2 + 1
-    mel = torch.zeros(1, dims.n_mels, t)
-    mask = torch.zeros(1, 1, s, s)
-    with torch.no_grad():
-        torch.onnx.export(
-            whole, (mel, mask), str(out_dir / rt.FILE_WHOLE), input_names=[rt.IN_MEL, rt.IN_MASK],
-            output_names=[rt.OUT_HIDDEN, rt.OUT_EMBEDS], opset_version=OPSET, dynamo=False,
-            dynamic_axes={rt.IN_MEL: {0: "batch", 2: "frames"}, rt.IN_MASK: {0: "batch", 2: "seq", 3: "seq"},
-                          rt.OUT_HIDDEN: {0: "batch", 1: "seq"}, rt.OUT_EMBEDS: {0: "batch", 1: "tokens"}})
-        past_names, present_names, axes = [], [], {rt.IN_MEL: {2: "frames"}, rt.OUT_HIDDEN: {1: "seq"},
-                                                   rt.OUT_EMBEDS: {1: "tokens"}}
-        for i in range(dims.n_layers):
-            for kind in ("key", "value"):
-                past_names.append(rt.past_name(kind, i))
-                present_names.append(rt.present_name(kind, i))
-                axes[past_names[-1]] = {2: "past"}
-                axes[present_names[-1]] = {2: "total"}
-        past = tuple(torch.zeros(1, dims.n_heads, s, dims.head_dim) for _ in past_names)
-        torch.onnx.export(
-            stream, (torch.zeros(1, dims.n_mels, rt.MEL_FRAMES_PER_SECOND), *past),
-            str(out_dir / rt.FILE_STREAM), input_names=[rt.IN_MEL, *past_names],
-            output_names=[rt.OUT_HIDDEN, rt.OUT_EMBEDS, *present_names], opset_version=OPSET, dynamo=False,
-            dynamic_axes=axes)
+def _front(g: Graph, ckpt: Checkpoint, mel: str, offset: str | None, dims: AudioDims) -> str:
+    """conv1+GELU, conv2 (stride 2)+GELU, + position rows offset..offset+S (clamped to the table's last row)."""
+    get = ckpt.f32
+    x = mel
+    for name, stride in (("conv1", 1), ("conv2", 2)):
+        w = get(APM + name + ".weight")
+        x = g.ms("Gelu", g.op("Conv", x, g.const(w, APM + name + ".weight"), g.const(get(APM + name + ".bias"),
+                                                                                     APM + name + ".bias"),
+                               pads=[1, 1], strides=[stride], kernel_shape=[w.shape[2]]))
+    x = g.op("Transpose", x, perm=[0, 2, 1])  # (B, S, d_model)
+    n = g.op("Squeeze", g.op("Slice", g.op("Shape", x), g.i64(1), g.i64(2)), g.i64(0))
+    ids = g.op("Range", g.const(np.array(0, np.int64)), n, g.const(np.array(1, np.int64)))
+    if offset is not None:
+        ids = g.op("Add", ids, offset)
+    ids = g.op("Min", ids, g.const(np.array(dims.max_positions - 1, np.int64)))
+    return g.op("Add", x, g.op("Gather", g.const(get(APM + "embed_positions.weight"), APM + "embed_positions"), ids,
+                               axis=0))
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic (weight-only int8, activations quantised at run time) quantisation of the MatMul weights.
+def _encoder(g: Graph, ckpt: Checkpoint, x: str, dims: AudioDims, kind: LinearKind, *, mask: str | None = None,
+             past: list[str] | None = None) -> tuple[str, list[str]]:
+    """The pre-LN Whisper layers and the final layer norm; returns (apm_hidden, present keys/values)."""
+    get, d = ckpt.f32, dims.d_model
+    presents: list[str] = []
+    p0 = f"{APM}layers.0."
+    h = g.layer_norm(x, get(p0 + "self_attn_layer_norm.weight"), get(p0 + "self_attn_layer_norm.bias"),
+                     LAYER_NORM_EPS, p0 + "ln1")
+    for i in range(dims.n_layers):
+        p = f"{APM}layers.{i}."
+        wqkv = np.concatenate([get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")])
+        bqkv = np.concatenate([get(p + "self_attn.q_proj.bias"), np.zeros(d, F32),  # Whisper's k_proj has no bias
+                               get(p + "self_attn.v_proj.bias")])
+        q, k, v = g.op("Split", g.linear(h, wqkv, None, p + "qkv", kind), axis=-1, outputs=3)
+        ins = [q, k, v, g.const(bqkv, p + "qkv.bias"), None, mask]
+        if past is not None:
+            ins += [past[2 * i], past[2 * i + 1]]
+        outs = g.ms("MultiHeadAttention", *ins, outputs=3 if past is not None else 1, num_heads=dims.n_heads)
+        a = outs[0] if past is not None else outs
+        if past is not None:
+            presents += outs[1:]
+        a = g.linear(a, get(p + "self_attn.out_proj.weight"), None, p + "out_proj", kind)
+        h, _, _, x = g.ms("SkipLayerNormalization", x, a, g.const(get(p + "final_layer_norm.weight"), p + "ln2.w"),
+                          g.const(get(p + "final_layer_norm.bias"), p + "ln2.b"),
+                          g.const(get(p + "self_attn.out_proj.bias"), p + "out_proj.bias"), outputs=4,
+                          epsilon=LAYER_NORM_EPS)
+        f = g.ms("BiasGelu", g.linear(h, get(p + "fc1.weight"), None, p + "fc1", kind),
+                 g.const(get(p + "fc1.bias"), p + "fc1.bias"))
+        f = g.linear(f, get(p + "fc2.weight"), None, p + "fc2", kind)
+        nxt = f"{APM}layers.{i + 1}."
+        ln_w, ln_b = ((APM + "layer_norm.weight", APM + "layer_norm.bias") if i == dims.n_layers - 1 else
+                      (nxt + "self_attn_layer_norm.weight", nxt + "self_attn_layer_norm.bias"))
+        h, _, _, x = g.ms("SkipLayerNormalization", x, f, g.const(get(ln_w), ln_w), g.const(get(ln_b), ln_b),
+                          g.const(get(p + "fc2.bias"), p + "fc2.bias"), outputs=4, epsilon=LAYER_NORM_EPS)
+    return h, presents
 
-    Convolutions stay float: they are a small share of the compute and ConvInteger is slower than float Conv
-    on most CPU builds of onnxruntime."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=REDUCE_RANGE,
-                     op_types_to_quantize=["MatMul"])
+def _back(g: Graph, ckpt: Checkpoint, hidden: str, dims: AudioDims, kind: LinearKind) -> str:
+    """Projector (Linear-ReLU-Linear) -> AvgPool1d(pool_step, pool_step) over positions -> audio_embeds."""
+    get = ckpt.f32
+    e = g.op("Relu", g.linear(hidden, get(PROJ + "linear1.weight"), get(PROJ + "linear1.bias"), PROJ + "l1", kind))
+    e = g.linear(e, get(PROJ + "linear2.weight"), get(PROJ + "linear2.bias"), PROJ + "l2", kind)
+    e = g.op("AveragePool", g.op("Transpose", e, perm=[0, 2, 1]), kernel_shape=[dims.pool_step],
+             strides=[dims.pool_step])
+    return g.op("Transpose", e, perm=[0, 2, 1])
 
 
-def share_weights(graphs: list[Path], data_name: str) -> None:
-    """Move the initializers of `graphs` into one external-data file, each distinct tensor stored once.
+def build_whole(g: Graph, ckpt: Checkpoint, dims: AudioDims, kind: LinearKind) -> None:
+    """`get_audio_embedding`: mel (B, n_mels, T) + additive mask (B, 1, S, S) -> apm_hidden, audio_embeds."""
+    mel = g.input(rt.IN_MEL, F32, ["batch", dims.n_mels, "frames"])
+    mask = g.input(rt.IN_MASK, F32, ["batch", 1, "seq", "seq"])
+    hidden, _ = _encoder(g, ckpt, _front(g, ckpt, mel, None, dims), dims, kind, mask=mask)
+    g.output(hidden, rt.OUT_HIDDEN, F32, ["batch", "seq", dims.d_model])
+    g.output(_back(g, ckpt, hidden, dims, kind), rt.OUT_EMBEDS, F32, ["batch", "tokens", dims.llm_hidden])
 
-    The whole-utterance and streaming graphs hold the same weights; inline, the audio part of the real
-    checkpoint would take 2 x 1.3 GB (fp32). Offsets are page-aligned so onnxruntime can memory-map them."""
-    import hashlib
 
-    import onnx
-
-    models = [onnx.load(str(p)) for p in graphs]
-    stored: dict[tuple, tuple[int, int]] = {}
-    with open(graphs[0].parent / data_name, "wb") as f:
-        for model in models:
-            for init in model.graph.initializer:
-                raw = init.raw_data
-                if len(raw) < EXTERNAL_MIN_BYTES:
-                    continue
-                key = (init.data_type, tuple(init.dims), hashlib.sha256(raw).digest())
-                if key not in stored:
-                    f.write(b"\0" * (-f.tell() % EXTERNAL_ALIGN))
-                    stored[key] = (f.tell(), len(raw))
-                    f.write(raw)
-                offset, length = stored[key]
-                init.ClearField("raw_data")
-                init.data_location = onnx.TensorProto.EXTERNAL
-                del init.external_data[:]
-                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-                    entry = init.external_data.add()
-                    entry.key, entry.value = k, v
-    for model, path in zip(models, graphs):
-        onnx.save(model, str(path))
+def build_stream(g: Graph, ckpt: Checkpoint, dims: AudioDims, kind: LinearKind) -> None:
+    """`get_audio_embedding_streaming`: one chunk + per-layer past keys/values -> ..., present keys/values."""
+    mel = g.input(rt.IN_MEL, F32, [1, dims.n_mels, "frames"])
+    past = [g.input(rt.past_name(kind_, i), F32, [1, dims.n_heads, "past", dims.head_dim])
+            for i in range(dims.n_layers) for kind_ in ("key", "value")]
+    offset = g.op("Squeeze", g.op("Slice", g.op("Shape", past[0]), g.i64(2), g.i64(3)), g.i64(0))
+    hidden, presents = _encoder(g, ckpt, _front(g, ckpt, mel, offset, dims), dims, kind, past=past)
+    g.output(hidden, rt.OUT_HIDDEN, F32, [1, "seq", dims.d_model])
+    g.output(_back(g, ckpt, hidden, dims, kind), rt.OUT_EMBEDS, F32, [1, "tokens", dims.llm_hidden])
+    for (i, kind_), name in zip([(i, k) for i in range(dims.n_layers) for k in ("key", "value")], presents):
+        g.output(name, rt.present_name(kind_, i), F32, [1, dims.n_heads, "total", dims.head_dim])
 
 
 def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool = True) -> BundlePart:
@@ -283,25 +204,22 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
     out_dir.mkdir(parents=True, exist_ok=True)
     dims = AudioDims.from_checkpoint(ckpt)
     ckpt.require(required_tensors(dims))
-
     say = reporter("audio", progress)
-
     say(f"Whisper encoder d_model {dims.d_model}, {dims.n_layers} layers, {dims.n_heads} heads -> "
-        f"projector {dims.llm_hidden}; exporting ONNX (opset {OPSET})")
-    whole, stream = build_torch_modules(ckpt, dims)
-    _export_graphs(whole, stream, dims, out_dir)
-    files = {rt.ROLE_WHOLE["fp32"]: rt.FILE_WHOLE, rt.ROLE_STREAM["fp32"]: rt.FILE_STREAM,
-             rt.ROLE_WEIGHTS["fp32"]: rt.FILE_WEIGHTS}
+        f"projector {dims.llm_hidden}; writing ONNX graphs")
+    variants = [("fp32", LinearKind.FP32, rt.FILE_WHOLE, rt.FILE_STREAM, rt.FILE_WEIGHTS)]
     if int8:
-        say("int8 dynamic quantisation")
-        for src, dst, role in ((rt.FILE_WHOLE, rt.FILE_WHOLE_INT8, rt.ROLE_WHOLE["int8"]),
-                               (rt.FILE_STREAM, rt.FILE_STREAM_INT8, rt.ROLE_STREAM["int8"])):
-            quantize_int8(out_dir / src, out_dir / dst)
-            files[role] = dst
-        share_weights([out_dir / rt.FILE_WHOLE_INT8, out_dir / rt.FILE_STREAM_INT8], rt.FILE_WEIGHTS_INT8)
-        files[rt.ROLE_WEIGHTS["int8"]] = rt.FILE_WEIGHTS_INT8
-    share_weights([out_dir / rt.FILE_WHOLE, out_dir / rt.FILE_STREAM], rt.FILE_WEIGHTS)
-    meta = {**asdict(dims), "head_dim": dims.head_dim, "opset": OPSET,
-            "variants": ["fp32"] + (["int8"] if int8 else [])}
+        variants.append(("int8", LinearKind.INT8, rt.FILE_WHOLE_INT8, rt.FILE_STREAM_INT8, rt.FILE_WEIGHTS_INT8))
+    files = {}
+    for variant, kind, whole, stream, weights in variants:
+        say(f"{variant}: {whole}, {stream}, shared weights {weights}")
+        with WeightStore(out_dir / weights) as store:
+            for name, build in ((whole, build_whole), (stream, build_stream)):
+                g = Graph(Path(name).stem, store)
+                build(g, ckpt, dims, kind)
+                g.save(out_dir / name)
+        files.update({rt.ROLE_WHOLE[variant]: whole, rt.ROLE_STREAM[variant]: stream,
+                      rt.ROLE_WEIGHTS[variant]: weights})
+    meta = {**asdict(dims), "head_dim": dims.head_dim, "variants": [v[0] for v in variants]}
     say("done")
     return BundlePart(files={role: BundleFile.describe(out_dir, rel) for role, rel in files.items()}, meta=meta)

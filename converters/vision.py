@@ -1,7 +1,9 @@
 """`vpm.*` (SigLIP NaViT) + `resampler.*` of a MiniCPM-o checkpoint -> one ONNX graph (+ an int8 variant).
 
-The torch modules below are written from the spec (§1.4, §1.5) and built directly from the checkpoint tensors,
-so no remote code is needed. The graph contract (inputs, outputs, what numpy prepares) is documented in
+The graph is written from the spec (§1.4, §1.5) with converters/onnx_graph.py straight from the checkpoint's
+tensors (no torch, no remote code), with onnxruntime's fused CPU operators: MultiHeadAttention (padded keys
+masked by a key padding mask), SkipLayerNormalization (residual add + next LayerNorm + projection bias) and
+FastGelu (= tanh GELU). The graph contract (inputs, outputs, what numpy prepares) is documented in
 `edge/vision.py`; both batch (slices) and patch count are dynamic.
 
 Official details reproduced here:
@@ -15,22 +17,20 @@ Official details reproduced here:
 - 2-D sin/cos: omega computed in numpy float32 exactly like `get_1d_sincos_pos_embed_from_grid_new` and baked
   in as a constant; the first half of the channels encodes the column (x), the second the row (y).
 
-int8: onnxruntime dynamic quantisation of the weight MatMuls only (activation x activation MatMuls of the
-attention stay float: quantising softmax probabilities to 8 bits costs accuracy for no size gain). The cosine
+int8: per-channel 8-bit weights in DynamicQuantizeMatMul for the weight MatMuls only (the attention products
+stay float: quantising softmax probabilities to 8 bits costs accuracy for no size gain). The cosine
 of int8 vs fp32 embeddings on a synthetic image is measured at export time and stored in the part meta.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from converters.checkpoint import Checkpoint
-from converters.int8 import REDUCE_RANGE
+from converters.onnx_graph import Graph, LinearKind, WeightStore, probe_run
 from converters.progress import reporter
 from edge import vision as rt
 from edge.bundle import BundleFile, BundlePart
@@ -44,7 +44,6 @@ from edge.image_preprocess import (
 
 VPM = "vpm."
 RES = "resampler."
-OPSET = 17
 # Official defaults (spec §1.4 default_vision_config, resampler.py), used when config.json lacks a key.
 SIGLIP_HEADS = 16
 SIGLIP_LAYERS = 27
@@ -56,6 +55,9 @@ SINCOS_BASE = 10000.0
 # Above this many weight bytes the fp32 graph goes to ONNX external data (protobuf files stop at 2 GiB; the
 # real checkpoint's ~485 M vision parameters are ~1.94 GB in float32).
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
+# The int8 graph's external data when the fp32 graph has one too (the runtime only opens the graph file).
+FILE_INT8_DATA = "vision.int8.onnx.data"
+ROLE_INT8_DATA = "int8_data"
 # Synthetic image for the int8-vs-fp32 check: 640x480 slices into a 2x1 grid (3 slices of real sizes).
 _CHECK_IMAGE_SIZE = (640, 480)
 
@@ -75,7 +77,7 @@ class VisionDims:
     vision_batch_size: int
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint) -> "VisionDims":
+    def from_checkpoint(cls, ckpt: Checkpoint) -> VisionDims:
         """Sizes from tensor shapes; head/layer counts and flags from config.json (official defaults)."""
         ckpt.require([VPM + "embeddings.patch_embedding.weight", VPM + "embeddings.position_embedding.weight",
                       VPM + "encoder.layers.0.mlp.fc1.weight", RES + "query"])
@@ -129,85 +131,91 @@ def sincos_omega(embed_dim: int) -> np.ndarray:
     return (1.0 / SINCOS_BASE ** omega).astype(np.float32)
 
 
-def build_torch_module(ckpt: Checkpoint, dims: VisionDims):
-    """The export graph as a torch module with the checkpoint's weights (float32, exact from bf16)."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+F32 = np.float32
 
-    def param(name: str, shape: tuple[int, ...] | None = None) -> nn.Parameter:
-        a = ckpt.f32(name)
-        return nn.Parameter(torch.from_numpy(a.reshape(shape) if shape else a.copy()), requires_grad=False)
 
-    class Block(nn.Module):
-        def __init__(self, i: int):
-            super().__init__()
-            pre = f"{VPM}encoder.layers.{i}."
-            for mod, short in (("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v"),
-                               ("self_attn.out_proj", "o"), ("layer_norm1", "ln1"), ("layer_norm2", "ln2"),
-                               ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
-                setattr(self, short + "_w", param(pre + mod + ".weight"))
-                setattr(self, short + "_b", param(pre + mod + ".bias"))
+def _siglip(g: Graph, ckpt: Checkpoint, dims: VisionDims, x: str, key_mask: str, kind: LinearKind) -> str:
+    """Pre-LN SigLIP blocks and `post_layernorm`; returns vpm_out (B, L, hidden)."""
+    get, eps = ckpt.f32, dims.layer_norm_eps
+    pre0 = f"{VPM}encoder.layers.0."
+    h = g.layer_norm(x, get(pre0 + "layer_norm1.weight"), get(pre0 + "layer_norm1.bias"), eps, pre0 + "ln1")
+    for i in range(dims.vision_layers):
+        pre = f"{VPM}encoder.layers.{i}."
+        wqkv = np.concatenate([get(pre + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")])
+        bqkv = np.concatenate([get(pre + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")])
+        q, k, v = g.op("Split", g.linear(h, wqkv, None, pre + "qkv", kind), axis=-1, outputs=3)
+        a = g.ms("MultiHeadAttention", q, k, v, g.const(bqkv, pre + "qkv.bias"), key_mask,
+                 num_heads=dims.vision_heads)
+        a = g.linear(a, get(pre + "self_attn.out_proj.weight"), None, pre + "o", kind)
+        h, _, _, x = g.ms("SkipLayerNormalization", x, a, g.const(get(pre + "layer_norm2.weight"), pre + "ln2.w"),
+                          g.const(get(pre + "layer_norm2.bias"), pre + "ln2.b"),
+                          g.const(get(pre + "self_attn.out_proj.bias"), pre + "o.bias"), outputs=4, epsilon=eps)
+        f = g.ms("FastGelu", g.linear(h, get(pre + "mlp.fc1.weight"), None, pre + "fc1", kind),
+                 g.const(get(pre + "mlp.fc1.bias"), pre + "fc1.bias"))
+        f = g.linear(f, get(pre + "mlp.fc2.weight"), None, pre + "fc2", kind)
+        nxt = f"{VPM}encoder.layers.{i + 1}."
+        ln_w, ln_b = ((VPM + "post_layernorm.weight", VPM + "post_layernorm.bias") if i == dims.vision_layers - 1
+                      else (nxt + "layer_norm1.weight", nxt + "layer_norm1.bias"))
+        h, _, _, x = g.ms("SkipLayerNormalization", x, f, g.const(get(ln_w), ln_w), g.const(get(ln_b), ln_b),
+                          g.const(get(pre + "mlp.fc2.bias"), pre + "fc2.bias"), outputs=4, epsilon=eps)
+    return h
 
-        def forward(self, x, bias):
-            d, nh = dims.vision_hidden, dims.vision_heads
-            hd = d // nh
-            h = F.layer_norm(x, (d,), self.ln1_w, self.ln1_b, dims.layer_norm_eps)
-            q = F.linear(h, self.q_w, self.q_b).reshape(x.shape[0], -1, nh, hd).transpose(1, 2)
-            k = F.linear(h, self.k_w, self.k_b).reshape(x.shape[0], -1, nh, hd).transpose(1, 2)
-            v = F.linear(h, self.v_w, self.v_b).reshape(x.shape[0], -1, nh, hd).transpose(1, 2)
-            s = torch.matmul(q, k.transpose(2, 3)) * (hd ** -0.5) + bias
-            a = torch.matmul(torch.softmax(s, dim=-1), v).transpose(1, 2).reshape(x.shape[0], -1, d)
-            x = x + F.linear(a, self.o_w, self.o_b)
-            h = F.layer_norm(x, (d,), self.ln2_w, self.ln2_b, dims.layer_norm_eps)
-            h = F.linear(F.gelu(F.linear(h, self.fc1_w, self.fc1_b), approximate="tanh"), self.fc2_w, self.fc2_b)
-            return x + h
 
-    class Graph(nn.Module):
-        def __init__(self):
-            super().__init__()
-            d, p = dims.vision_hidden, dims.patch_size
-            self.patch_w = param(VPM + "embeddings.patch_embedding.weight", (d, 3 * p * p))
-            self.patch_b = param(VPM + "embeddings.patch_embedding.bias")
-            self.pos_table = param(VPM + "embeddings.position_embedding.weight")
-            self.blocks = nn.ModuleList([Block(i) for i in range(dims.vision_layers)])
-            self.post_w = param(VPM + "post_layernorm.weight")
-            self.post_b = param(VPM + "post_layernorm.bias")
-            for n in ("query", "kv_proj.weight", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
-                      "attn.out_proj.bias", "proj", "ln_q.weight", "ln_q.bias", "ln_kv.weight", "ln_kv.bias",
-                      "ln_post.weight", "ln_post.bias"):
-                setattr(self, "r_" + n.replace(".", "_"), param(RES + n))
-            self.register_buffer("omega", torch.from_numpy(sincos_omega(dims.llm_hidden)), persistent=False)
+def _layer_norm_np(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True, dtype=F32)
+    var = np.square(x - mu).mean(-1, keepdims=True, dtype=F32)
+    return ((x - mu) / np.sqrt(var + F32(eps)) * w + b).astype(F32)
 
-        def sincos(self, grid_xy):
-            x = grid_xy[..., 0:1] * self.omega
-            y = grid_xy[..., 1:2] * self.omega
-            return torch.cat([torch.sin(x), torch.cos(x), torch.sin(y), torch.cos(y)], dim=-1)
 
-        def forward(self, patches, position_ids, key_bias, grid_xy):
-            bias = key_bias[:, None, None, :]
-            x = F.linear(patches, self.patch_w, self.patch_b) + F.embedding(position_ids, self.pos_table)
-            for blk in self.blocks:
-                x = blk(x, bias)
-            vpm = F.layer_norm(x, (dims.vision_hidden,), self.post_w, self.post_b, dims.layer_norm_eps)
-            # resampler
-            dd, nh = dims.llm_hidden, dims.resampler_heads
-            hd = dd // nh
-            kv = F.layer_norm(F.linear(vpm, self.r_kv_proj_weight), (dd,), self.r_ln_kv_weight, self.r_ln_kv_bias,
-                              RESAMPLER_LN_EPS)
-            wq, wk, wv = self.r_attn_in_proj_weight.chunk(3, dim=0)
-            bq, bk, bv = self.r_attn_in_proj_bias.chunk(3, dim=0)
-            q = F.layer_norm(self.r_query, (dd,), self.r_ln_q_weight, self.r_ln_q_bias, RESAMPLER_LN_EPS)
-            q = (F.linear(q, wq, bq) * (hd ** -0.5)).reshape(dims.query_num, nh, hd).transpose(0, 1)
-            k = F.linear(kv + self.sincos(grid_xy), wk, bk).reshape(x.shape[0], -1, nh, hd).permute(0, 2, 3, 1)
-            v = F.linear(kv, wv, bv).reshape(x.shape[0], -1, nh, hd).transpose(1, 2)
-            a = torch.softmax(torch.matmul(q, k) + bias, dim=-1)
-            o = torch.matmul(a, v).transpose(1, 2).reshape(x.shape[0], dims.query_num, dd)
-            o = F.linear(o, self.r_attn_out_proj_weight, self.r_attn_out_proj_bias)
-            o = F.layer_norm(o, (dd,), self.r_ln_post_weight, self.r_ln_post_bias, RESAMPLER_LN_EPS)
-            return torch.matmul(o, self.r_proj), vpm
+def _sincos(g: Graph, grid_xy: str, dims: VisionDims) -> str:
+    """2-D sin/cos key position: [sin x, cos x, sin y, cos y] with x = column (graph version of resampler.py)."""
+    omega = g.const(sincos_omega(dims.llm_hidden), "resampler.omega")
+    x = g.op("Mul", g.op("Slice", grid_xy, g.i64(0), g.i64(1), g.i64(-1)), omega)
+    y = g.op("Mul", g.op("Slice", grid_xy, g.i64(1), g.i64(2), g.i64(-1)), omega)
+    return g.op("Concat", g.op("Sin", x), g.op("Cos", x), g.op("Sin", y), g.op("Cos", y), axis=-1)
 
-    return Graph().eval()
+
+def _resampler(g: Graph, ckpt: Checkpoint, dims: VisionDims, vpm: str, grid_xy: str, key_mask: str,
+               kind: LinearKind) -> str:
+    """kv_proj -> ln_kv; keys + 2-D sin/cos; nn.MultiheadAttention with the 64 learned queries; ln_post; @ proj.
+
+    The queries do not depend on the image: `in_proj_q(ln_q(query))` is computed here once, in float32."""
+    def r(n):
+        return ckpt.f32(RES + n)
+    dd = dims.llm_hidden
+    kv = g.layer_norm(g.linear(vpm, r("kv_proj.weight"), None, RES + "kv_proj", kind), r("ln_kv.weight"),
+                      r("ln_kv.bias"), RESAMPLER_LN_EPS, RES + "ln_kv")
+    wq, wk, wv = np.split(r("attn.in_proj_weight"), 3)
+    bq, bk, bv = np.split(r("attn.in_proj_bias"), 3)
+    q = (_layer_norm_np(r("query"), r("ln_q.weight"), r("ln_q.bias"), RESAMPLER_LN_EPS) @ wq.T + bq).astype(F32)
+    k = g.linear(g.op("Add", kv, _sincos(g, grid_xy, dims)), wk, bk, RES + "k", kind)
+    v = g.linear(kv, wv, bv, RES + "v", kind)
+    batch = g.op("Slice", g.op("Shape", k), g.i64(0), g.i64(1))
+    queries = g.op("Expand", g.const(q[None], RES + "q"), g.op("Concat", batch, g.i64(dims.query_num, dd), axis=0))
+    o = g.ms("MultiHeadAttention", queries, k, v, None, key_mask, num_heads=dims.resampler_heads)
+    o = g.linear(o, r("attn.out_proj.weight"), r("attn.out_proj.bias"), RES + "out_proj", kind)
+    o = g.layer_norm(o, r("ln_post.weight"), r("ln_post.bias"), RESAMPLER_LN_EPS, RES + "ln_post")
+    return g.op("MatMul", o, g.const(r("proj"), RES + "proj"))
+
+
+def build_graph(g: Graph, ckpt: Checkpoint, dims: VisionDims, kind: LinearKind) -> None:
+    """The vision graph (contract in edge/vision.py): patches, position_ids, key_bias, grid_xy ->
+    vision_embeds, vpm_out."""
+    d, p = dims.vision_hidden, dims.patch_size
+    patches = g.input(rt.IN_PATCHES, F32, ["slices", "patches", 3 * p * p])
+    pos = g.input(rt.IN_POSITION_IDS, np.int64, ["slices", "patches"])
+    key_bias = g.input(rt.IN_KEY_BIAS, F32, ["slices", "patches"])
+    grid_xy = g.input(rt.IN_GRID_XY, F32, ["slices", "patches", 2])
+    # key_bias is 0 on real patches and float32 min on padding; the fused attention takes it as a 0/1 mask
+    key_mask = g.op("Cast", g.op("Equal", key_bias, g.const(np.array(0, F32))), to=6)  # int32
+    x = g.linear(patches, ckpt.f32(VPM + "embeddings.patch_embedding.weight").reshape(d, -1),
+                 ckpt.f32(VPM + "embeddings.patch_embedding.bias"), VPM + "patch", LinearKind.FP32)
+    x = g.op("Add", x, g.op("Gather", g.const(ckpt.f32(VPM + "embeddings.position_embedding.weight"),
+                                              VPM + "position_embedding"), pos, axis=0))
+    vpm = _siglip(g, ckpt, dims, x, key_mask, kind)
+    g.output(_resampler(g, ckpt, dims, vpm, grid_xy, key_mask, kind), rt.OUT_EMBEDS, F32,
+             ["slices", dims.query_num, dims.llm_hidden])
+    g.output(vpm, rt.OUT_VPM, F32, ["slices", "patches", d])
 
 
 def _example_batch(dims: VisionDims) -> rt.VisionBatch:
@@ -221,65 +229,33 @@ def _example_batch(dims: VisionDims) -> rt.VisionBatch:
     return rt.build_batch(pre.slices, pre.tgt_sizes, dims.patch_size, dims.num_patches_per_side)
 
 
-def _export_onnx(module, dims: VisionDims, path: Path) -> None:
-    import torch
-
-    batch = _example_batch(dims)
-    args = tuple(torch.from_numpy(a) for a in (batch.patches, batch.position_ids, batch.key_bias, batch.grid_xy))
-    axes = {rt.IN_PATCHES: {0: "slices", 1: "patches"}, rt.IN_POSITION_IDS: {0: "slices", 1: "patches"},
-            rt.IN_KEY_BIAS: {0: "slices", 1: "patches"}, rt.IN_GRID_XY: {0: "slices", 1: "patches"},
-            rt.OUT_EMBEDS: {0: "slices"}, rt.OUT_VPM: {0: "slices", 1: "patches"}}
-    with torch.no_grad():
-        torch.onnx.export(module, args, str(path), input_names=[rt.IN_PATCHES, rt.IN_POSITION_IDS, rt.IN_KEY_BIAS,
-                                                                rt.IN_GRID_XY],
-                          output_names=[rt.OUT_EMBEDS, rt.OUT_VPM], dynamic_axes=axes, opset_version=OPSET,
-                          dynamo=False, do_constant_folding=True)
+def weight_bytes_f32(ckpt: Checkpoint, dims: VisionDims) -> int:
+    """The fp32 graph's weight bytes, known before building it (decides inline vs external data)."""
+    return sum(4 * int(np.prod(ckpt.tensors[n].shape)) for n in required_tensors(dims))
 
 
-def _save_final(src: Path, out_dir: Path, threshold: int) -> list[tuple[str, str]]:
-    """Re-save the exported graph into out_dir: one file, or graph + one external-data file if it is big."""
+def _write(ckpt: Checkpoint, dims: VisionDims, out_dir: Path, kind: LinearKind, file: str,
+           data_file: str | None) -> None:
+    """Build and save one variant; with `data_file` the weights stream into it as the graph is built."""
     import onnx
 
-    model = onnx.load(str(src))
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    dst = out_dir / rt.FILE_FP32
-    if weight_bytes > threshold:
-        data = out_dir / rt.FILE_FP32_DATA
-        if data.exists():
-            data.unlink()  # onnx appends to an existing data file
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=rt.FILE_FP32_DATA, size_threshold=1024)
-        onnx.checker.check_model(str(dst))
-        return [(rt.ROLE_FP32, rt.FILE_FP32), (rt.ROLE_FP32_DATA, rt.FILE_FP32_DATA)]
-    onnx.save_model(model, str(dst))
-    onnx.checker.check_model(str(dst))
-    return [(rt.ROLE_FP32, rt.FILE_FP32)]
-
-
-def weight_matmul_nodes(path: Path) -> list[str]:
-    """Names of MatMul nodes whose second input is a weight (initializer): the ones worth quantising."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-
-
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 (per-channel weights, activations quantised at run time) of the weight MatMuls."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=REDUCE_RANGE,
-                     op_types_to_quantize=["MatMul"], nodes_to_quantize=weight_matmul_nodes(src))
+    if data_file is None:
+        g = Graph(Path(file).stem)
+        build_graph(g, ckpt, dims, kind)
+        g.save(out_dir / file)
+    else:
+        with WeightStore(out_dir / data_file) as store:
+            g = Graph(Path(file).stem, store)
+            build_graph(g, ckpt, dims, kind)
+            g.save(out_dir / file)
+    onnx.checker.check_model(str(out_dir / file))
 
 
 def int8_cosine(fp32_path: Path, int8_path: Path, dims: VisionDims) -> float:
     """Cosine similarity of int8 vs fp32 vision embeddings on the synthetic check image."""
-    from edge.onnx_session import make_session
-
     feeds = _example_batch(dims).feeds()
-    a = make_session(fp32_path).run([rt.OUT_EMBEDS], feeds)[0].astype(np.float64).ravel()
-    b = make_session(int8_path).run([rt.OUT_EMBEDS], feeds)[0].astype(np.float64).ravel()
+    a = probe_run(fp32_path, feeds, [rt.OUT_EMBEDS])[0].astype(np.float64).ravel()
+    b = probe_run(int8_path, feeds, [rt.OUT_EMBEDS])[0].astype(np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
@@ -294,24 +270,20 @@ def export(ckpt: Checkpoint, out_dir: Path, *, int8: bool = True, progress: bool
     say = reporter("vision", progress)
 
     say(f"SigLIP {dims.vision_hidden}x{dims.vision_layers} layers, {dims.vision_heads} heads; resampler "
-        f"{dims.query_num}x{dims.llm_hidden}, {dims.resampler_heads} heads; exporting ONNX (opset {OPSET})")
-    module = build_torch_module(ckpt, dims)
-    tmp = Path(tempfile.mkdtemp(prefix=".vision-", dir=out_dir))
-    try:
-        _export_onnx(module, dims, tmp / rt.FILE_FP32)
-        del module
-        roles = _save_final(tmp / rt.FILE_FP32, out_dir, external_data_threshold)
-        meta = {**asdict(dims), "opset": OPSET, "variants": [rt.ROLE_FP32]}
-        if int8:
-            say("int8 dynamic quantisation of the weight MatMuls")
-            quantize_int8(out_dir / rt.FILE_FP32, tmp / rt.FILE_INT8)
-            (tmp / rt.FILE_INT8).replace(out_dir / rt.FILE_INT8)
-            roles.append((rt.ROLE_INT8, rt.FILE_INT8))
-            meta["variants"].append(rt.ROLE_INT8)
-            meta["int8_cosine_vs_fp32"] = int8_cosine(out_dir / rt.FILE_FP32, out_dir / rt.FILE_INT8, dims)
-            say(f"int8 vs fp32 cosine on a synthetic image: {meta['int8_cosine_vs_fp32']:.5f}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        f"{dims.query_num}x{dims.llm_hidden}, {dims.resampler_heads} heads; writing the ONNX graph")
+    external = weight_bytes_f32(ckpt, dims) > external_data_threshold
+    _write(ckpt, dims, out_dir, LinearKind.FP32, rt.FILE_FP32, rt.FILE_FP32_DATA if external else None)
+    roles = [(rt.ROLE_FP32, rt.FILE_FP32)] + ([(rt.ROLE_FP32_DATA, rt.FILE_FP32_DATA)] if external else [])
+    meta = {**asdict(dims), "variants": [rt.ROLE_FP32]}
+    if int8:
+        say("int8: per-channel 8-bit weight MatMuls")
+        _write(ckpt, dims, out_dir, LinearKind.INT8, rt.FILE_INT8, FILE_INT8_DATA if external else None)
+        roles.append((rt.ROLE_INT8, rt.FILE_INT8))
+        if external:
+            roles.append((ROLE_INT8_DATA, FILE_INT8_DATA))
+        meta["variants"].append(rt.ROLE_INT8)
+        meta["int8_cosine_vs_fp32"] = int8_cosine(out_dir / rt.FILE_FP32, out_dir / rt.FILE_INT8, dims)
+        say(f"int8 vs fp32 cosine on a synthetic image: {meta['int8_cosine_vs_fp32']:.5f}")
     cfg = ckpt.config
     slice_cfg = cfg.get("slice_config", {})
     meta["slice"] = {

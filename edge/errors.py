@@ -81,3 +81,6 @@ class DeviceError(EdgeError, RuntimeError):
 
 class ChatTemplateError(EdgeError, ValueError):
     """The bundle's chat template is missing, does not compile, or refuses the messages."""
+
+class UnsafePickleError(CorruptModelFileError):
+    """A pickle file (a torch `.pt`) names code other than tensor storages; it is refused, never run."""

@@ -16,7 +16,7 @@ that are fixed functions in the real model are computed, not random: the Whisper
 weight-norm magnitudes `original0` (= row norms of `original1`, as torch's weight_norm initialises them), and in
 Vocos.pt the periodic Hann windows and the HTK mel filterbank. Everything is rounded to BF16 (round to nearest even).
 Shards are written header first, then tensor by tensor in chunks, so memory stays bounded at any scale
-(measured full build: peak RSS 340 MB, most of it the torch import).
+(measured full build: peak RSS 340 MB, most of it the torch import, before Vocos.pt was written without torch).
 
 Vocabulary gap: the synthetic BPE has 652 ids (590 BPE + 62 added tokens) at both scales; the LLM embedding has
 `vocab_size` rows (652 tiny, 151700 full), every tokenizer id is < vocab_size and the remaining rows are simply
@@ -42,6 +42,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from converters.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, bf16_bits_to_f32, f32_to_bf16_bits
+from converters.torch_pickle import save_state_dict
 from edge.errors import InvalidInputError
 from models import tokenizers as toks
 
@@ -427,19 +428,12 @@ def _write_weights(root: Path, dims: SynthDims, seed: int, progress: bool) -> No
 
 
 def _write_vocos(path: Path, seed: int) -> None:
-    """assets/Vocos.pt: the Vocos state_dict, BF16 like the golden fixture, saved with torch.save. torch.save is
-    byte-deterministic here: zip entries carry a fixed 1980 timestamp, storages are numbered in order, and
-    `.data/serialization_id` is a hash of the record names and data. The zip's root folder is the file stem
-    ("Vocos"), so the file is written under its final name."""
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("writing assets/Vocos.pt needs torch: `pip install torch==2.13.0`") from e
+    """assets/Vocos.pt: the Vocos state_dict, BF16 like the golden fixture, in torch.save's zip format, written
+    without torch by converters/torch_pickle.py (byte-deterministic: fixed zip timestamps, storages numbered in
+    order). The zip's root folder is the file stem ("Vocos"), so the file is written under its final name."""
     specs = vocos_specs()
     by_name = {s.name: s for s in specs}
-    state = {s.name: torch.from_numpy(_bf16_tensor(s, seed, VOCOS_KEY, by_name)).view(torch.bfloat16) for s in specs}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    save_state_dict(path, {s.name: _bf16_tensor(s, seed, VOCOS_KEY, by_name) for s in specs}, bf16=True)
 
 
 # --- config files ---------------------------------------------------------------------------------------------------

@@ -75,9 +75,10 @@ def test_mtmd_matches_torch_with_ggml_f16_steps(mmproj, golden_gguf, golden_ckpt
     import torch
     import torch.nn.functional as F
 
-    from converters.vision import VisionDims, build_torch_module
+    from converters.vision import VisionDims
     from edge import vision as rt
     from edge.image_preprocess import preprocess_image
+    from tests.vision_torch_ref import build_torch_module
 
     got = _mtmd_embeds(mmproj["f32"], golden_gguf("f32"), img0, flash_attn=0)
 
@@ -111,7 +112,8 @@ def test_pos_embed_k_is_the_resamplers_sincos(golden_ckpt):
     import torch
 
     from bench.mmproj_gguf import POS_EMBED_GRID, sincos_2d
-    from converters.vision import VisionDims, build_torch_module
+    from converters.vision import VisionDims
+    from tests.vision_torch_ref import build_torch_module
 
     dims = VisionDims.from_checkpoint(golden_ckpt)
     module = build_torch_module(golden_ckpt, dims)

@@ -61,3 +61,11 @@ class InvalidInputError(EdgeError, ValueError):
 
 class OfflineError(EdgeError, ConnectionError):
     """A download was needed but the network (or the hub) cannot be reached."""
+
+
+class InputLimitError(InvalidInputError):
+    """An input is over a cost limit (duration, pixels, patches, count, bytes): refused before it is decoded."""
+
+
+class CancelledError(EdgeError):
+    """Work was stopped because its requester went away (e.g. media decoding for a disconnected client)."""

@@ -37,6 +37,11 @@ NORM_MEAN = (0.5, 0.5, 0.5)
 NORM_STD = (0.5, 0.5, 0.5)
 PIXEL_SCALE = 255.0  # uint8 -> [0, 1], like `to_numpy_array(img).astype(float32) / 255`
 RESAMPLE = Image.Resampling.BICUBIC  # the official resize filter
+# Cost bound (not in the official processor, which has none): every slice aims at scale_resolution^2 pixels, i.e.
+# (448 / 14)^2 = 1024 patches, and stays within 1.4x of that for aspect ratios up to ~1000:1. Beyond that the
+# official arithmetic keeps one patch row and lets the width grow (a 200704x1 image -> one slice of 14336 patches,
+# an attention matrix of 14336^2 per head). Twice the aimed size is refused with the reason.
+MAX_SLICE_PATCHES_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,11 @@ class SliceOptions:
     def __post_init__(self):
         if self.max_slice_nums < 1:
             raise InvalidInputError(f"max_slice_nums must be >= 1, got {self.max_slice_nums}.")
+
+    @property
+    def max_slice_patches(self) -> int:
+        """Most patches one slice may have (see MAX_SLICE_PATCHES_FACTOR)."""
+        return MAX_SLICE_PATCHES_FACTOR * (self.scale_resolution // self.patch_size) ** 2
 
 
 @dataclass(frozen=True)
@@ -182,10 +192,24 @@ def plan_slices(size: tuple[int, int], options: SliceOptions = SliceOptions()) -
     res, p = options.scale_resolution, options.patch_size
     grid = get_sliced_grid((w, h), options.max_slice_nums, res)
     if grid is None:
-        return SlicePlan((w, h), find_best_resize((w, h), res, p, allow_upscale=True), None, None)
-    source = find_best_resize((w, h), res, p)
-    refine = get_refine_size((w, h), grid, res, p, allow_upscale=True)
-    return SlicePlan((w, h), source, grid, refine)
+        plan = SlicePlan((w, h), find_best_resize((w, h), res, p, allow_upscale=True), None, None)
+    else:
+        source = find_best_resize((w, h), res, p)
+        plan = SlicePlan((w, h), source, grid, get_refine_size((w, h), grid, res, p, allow_upscale=True))
+    _check_cost(plan, options)
+    return plan
+
+
+def _check_cost(plan: SlicePlan, options: SliceOptions) -> None:
+    """Refuse a plan whose largest slice exceeds `options.max_slice_patches` (extreme aspect ratios)."""
+    p = options.patch_size
+    worst = max((sw // p) * (sh // p) for sw, sh in plan.slice_sizes)
+    if worst > options.max_slice_patches:
+        w, h = plan.original_size
+        raise InvalidInputError(
+            f"image {w}x{h} (aspect ratio {max(w, h) / min(w, h):.0f}:1) would make a slice of {worst} patches; "
+            f"the slicer aims at {(options.scale_resolution // p) ** 2} per slice and the limit is "
+            f"{options.max_slice_patches}. Crop or pad the image to an aspect ratio under about 1000:1.")
 
 
 # --- placeholder text -------------------------------------------------------------------------------------------

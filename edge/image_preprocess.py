@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from edge import keys
-from edge.errors import InvalidInputError
+from edge.errors import InputLimitError, InvalidInputError
 
 # Defaults of the 2.6 checkpoint's preprocessor_config.json / config.json slice_config (spec §1.3, §2.1).
 PATCH_SIZE = 14
@@ -196,20 +196,21 @@ def plan_slices(size: tuple[int, int], options: SliceOptions = SliceOptions()) -
     else:
         source = find_best_resize((w, h), res, p)
         plan = SlicePlan((w, h), source, grid, get_refine_size((w, h), grid, res, p, allow_upscale=True))
-    _check_cost(plan, options)
     return plan
 
 
-def _check_cost(plan: SlicePlan, options: SliceOptions) -> None:
-    """Refuse a plan whose largest slice exceeds `options.max_slice_patches` (extreme aspect ratios)."""
+def check_slice_cost(plan: SlicePlan, options: SliceOptions = SliceOptions()) -> SlicePlan:
+    """`plan` if its largest slice is within `options.max_slice_patches`, else InputLimitError with the reason
+    (extreme aspect ratios). Separate from `plan_slices`, which stays the official arithmetic for any size."""
     p = options.patch_size
     worst = max((sw // p) * (sh // p) for sw, sh in plan.slice_sizes)
     if worst > options.max_slice_patches:
         w, h = plan.original_size
-        raise InvalidInputError(
+        raise InputLimitError(
             f"image {w}x{h} (aspect ratio {max(w, h) / min(w, h):.0f}:1) would make a slice of {worst} patches; "
             f"the slicer aims at {(options.scale_resolution // p) ** 2} per slice and the limit is "
             f"{options.max_slice_patches}. Crop or pad the image to an aspect ratio under about 1000:1.")
+    return plan
 
 
 # --- placeholder text -------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def preprocess_image(image: Image.Image, options: SliceOptions = SliceOptions(),
         raise InvalidInputError(
             f"preprocess_image needs an RGB image, got mode {image.mode!r}; load it with "
             "edge.io.images.load_image (it converts like the official processor).")
-    plan = plan_slices(image.size, options)
+    plan = check_slice_cost(plan_slices(image.size, options), options)  # before any pixel work
     p = options.patch_size
     slices, tgt = [], []
     for img in slice_image(image, plan):

@@ -128,13 +128,16 @@ def _mono(a: np.ndarray, what: str) -> np.ndarray:
 # Files are decoded in blocks of this many frames (about 4 s at 48 kHz): a duration limit stops the decoding at
 # the limit even when the header under-states the length, and channels are averaged block by block.
 DECODE_BLOCK_FRAMES = 1 << 18
+# libsndfile reports SF_COUNT_MAX (2^63 - 1) frames when the header does not say (e.g. a FLAC stream with
+# total_samples = 0); anything this large is "unknown", never a length (2^62 frames at 384 kHz is 380 kyears).
+_UNKNOWN_FRAMES = 1 << 62
 
 
 @dataclass(frozen=True)
 class AudioInfo:
-    """What the container header says, read without decoding."""
+    """What the container header says, read without decoding (seconds None: the header does not say)."""
 
-    seconds: float
+    seconds: float | None
     sample_rate: int
     channels: int
 
@@ -182,7 +185,8 @@ def probe_audio(src: str | Path | bytes) -> AudioInfo:
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise _undecodable(what, e) from None
     rate = int(info.samplerate)
-    return AudioInfo(info.frames / rate if rate > 0 else 0.0, rate, int(info.channels))
+    known = 0 <= info.frames < _UNKNOWN_FRAMES and rate > 0
+    return AudioInfo(info.frames / rate if known else None, rate, int(info.channels))
 
 
 def _too_long(what: str, seconds: float, limit: float, exact: bool) -> InputLimitError:
@@ -199,7 +203,7 @@ def _decode_limited(src: str | Path | bytes, what: str, limits: AudioLimits) -> 
         with sf.SoundFile(_handle(src)) as f:
             sr = int(f.samplerate)
             cap = None if limits.max_seconds is None else int(limits.max_seconds * sr)
-            if cap is not None and f.frames > cap:
+            if cap is not None and cap < f.frames < _UNKNOWN_FRAMES:
                 raise _too_long(what, f.frames / sr, limits.max_seconds, exact=True)
             blocks, n = [], 0
             for block in f.blocks(DECODE_BLOCK_FRAMES, dtype="float64", always_2d=True):
@@ -212,30 +216,6 @@ def _decode_limited(src: str | Path | bytes, what: str, limits: AudioLimits) -> 
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise _undecodable(what, e) from None
     return (np.concatenate(blocks) if blocks else np.zeros(0)), sr
-
-
-def _decode(src: str | Path | bytes, what: str) -> tuple[np.ndarray, int]:
-    import soundfile as sf
-
-    if isinstance(src, (str, Path)):
-        path = Path(src)
-        if not path.is_file():
-            raise InvalidInputError(f"audio file {path} does not exist.")
-        if path.stat().st_size == 0:
-            raise InvalidInputError(f"audio file {path} is empty (0 bytes); record or export it again.")
-        handle: object = str(path)
-    else:
-        if len(src) == 0:
-            raise InvalidInputError("audio bytes are empty; pass the content of a WAV/FLAC/OGG/MP3 file.")
-        handle = io.BytesIO(src)
-    try:
-        data, sr = sf.read(handle, dtype="float64", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise InvalidInputError(
-            f"cannot decode {what} as audio ({e}). Supported: WAV, FLAC, OGG/Vorbis/Opus and MP3 "
-            f"(libsndfile {sf.__libsndfile_version__}); convert other formats first, e.g. "
-            "`ffmpeg -i in.m4a -ar 16000 -ac 1 out.wav`.") from e
-    return data, int(sr)
 
 
 def load_audio(src: str | Path | bytes | tuple[np.ndarray, int], limits: AudioLimits | None = None) -> np.ndarray:
@@ -254,11 +234,7 @@ def load_audio(src: str | Path | bytes | tuple[np.ndarray, int], limits: AudioLi
     elif isinstance(src, (str, Path, bytes, bytearray, memoryview)):
         what = f"audio file {src}" if isinstance(src, (str, Path)) else f"{len(src)} audio bytes"
         raw = bytes(src) if not isinstance(src, (str, Path)) else src
-        if limits is not None:
-            data, sr = _decode_limited(raw, what, limits)
-        else:
-            data, sr = _decode(raw, what)
-            data = data.mean(axis=1)
+        data, sr = _decode_limited(raw, what, limits or AudioLimits())
     else:
         raise InvalidInputError(
             f"unsupported audio input of type {type(src).__name__}; pass a path, file bytes or (samples, rate).")

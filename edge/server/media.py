@@ -234,18 +234,19 @@ class MediaDecoder:
 
     # --- header probes (no decoding) --------------------------------------------------------------------------------
     def _probe_image(self, p: _Pending) -> None:
-        from edge.image_preprocess import plan_slices
+        from edge.image_preprocess import check_slice_cost, plan_slices
         from edge.io.images import probe_image
 
         p.size = _with_param(p.param, probe_image, p.data)
         if p.size[0] * p.size[1] <= self.s.max_image_pixels:  # above: load_image reduces a JPEG or refuses
-            _with_param(p.param, plan_slices, p.size)  # the slicer's cost bound, from the header size
+            _with_param(p.param, check_slice_cost, plan_slices(p.size))  # the slicer's bound, from the header
 
     def _probe_audio(self, p: _Pending) -> None:
         from edge.io.audio import probe_audio
 
         info = _with_param(p.param, probe_audio, p.data)
-        p.seconds, p.size = info.seconds, (info.sample_rate, info.channels)
+        # unknown length (header does not say): 0 here, and the decoder stops at the limit
+        p.seconds, p.size = info.seconds or 0.0, (info.sample_rate, info.channels)
         if p.seconds > self.s.max_audio_seconds:
             raise _limit(f"{p.param}: the audio is {p.seconds:.1f} s; the limit is {self.s.max_audio_seconds:.0f} "
                          "s (--max-audio-seconds).", p.param)
@@ -276,11 +277,11 @@ class MediaDecoder:
 
     # --- decoders -------------------------------------------------------------------------------------------------
     def image(self, data: bytes, param: str):
-        from edge.image_preprocess import plan_slices
+        from edge.image_preprocess import check_slice_cost, plan_slices
         from edge.io.images import ImageLoadOptions, load_image
 
         image = _with_param(param, load_image, data, ImageLoadOptions(max_pixels=self.s.max_image_pixels))
-        _with_param(param, plan_slices, image.size)  # refused here rather than in the encoder
+        _with_param(param, check_slice_cost, plan_slices(image.size))  # refused here, not in the encoder
         return image
 
     def audio(self, data: bytes, param: str, fmt: str | None = None,

@@ -57,7 +57,7 @@ def test_probe_image_reads_the_header_only():
     buf = io.BytesIO()
     Image.new("L", (5000, 5000)).save(buf, format="PNG", optimize=True)
     assert len(buf.getvalue()) < 50_000  # a 25-MP image in a few KB: the decode is what costs
-    assert probe_image(buf.getvalue()) == (5000, 5000)
+    assert probe_image(buf.getvalue()) == (5000, 5000, "PNG")
     with pytest.raises(InvalidInputError, match="not an image"):
         probe_image(b"not an image at all")
 

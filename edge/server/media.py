@@ -237,9 +237,14 @@ class MediaDecoder:
         from edge.image_preprocess import check_slice_cost, plan_slices
         from edge.io.images import probe_image
 
-        p.size = _with_param(p.param, probe_image, p.data)
-        if p.size[0] * p.size[1] <= self.s.max_image_pixels:  # above: load_image reduces a JPEG or refuses
+        w, h, fmt = _with_param(p.param, probe_image, p.data)
+        p.size = (w, h)
+        if w * h <= self.s.max_image_pixels:
             _with_param(p.param, check_slice_cost, plan_slices(p.size))  # the slicer's bound, from the header
+        elif fmt != "JPEG":  # (a JPEG above the limit is decoded at a reduced DCT scale, see edge/io/images.py)
+            raise _limit(f"{p.param}: the image is {w}x{h} = {w * h / 1e6:.1f} MP, above the "
+                         f"{self.s.max_image_pixels / 1e6:.1f} MP decoding limit (--max-image-pixels); downscale "
+                         "it first.", p.param)
 
     def _probe_audio(self, p: _Pending) -> None:
         from edge.io.audio import probe_audio

@@ -166,7 +166,7 @@ def test_models_and_health(server, golden_bundle):
     assert [m.id for m in models.data] == [MODEL]
     h = server.health()
     assert h["status"] == "ok" and h["bundle"] == (golden_bundle.source.get("name") or golden_bundle.root.name)
-    assert "/" not in h["bundle"] and h["n_ctx"] == 4096  # no filesystem path (issue 19)
+    assert str(golden_bundle.root) not in json.dumps(h) and h["n_ctx"] == 4096  # no filesystem path (issue 19)
     assert h["concurrency"] == 2 and h["max_queue"] == 32
 
 

@@ -349,3 +349,14 @@ def test_ordinary_text_gets_the_official_prompt_ids(tts_tokenizer, golden_bundle
     for text in ("Hello, world. How are you today?", "你好，世界！", "a" * 2000, "Numbers: one two three."):
         prompt, n = prepare_tts_text(text, tts_tokenizer)
         assert prompt_ids(text, tts_tokenizer) == (hf.encode(prompt, add_special_tokens=False).ids, n)
+
+
+def test_serve_refuses_a_damaged_bundle_naming_the_file(golden_bundle, tmp_path, capsys):
+    from edge.cli import main
+
+    b = _copy_bundle(golden_bundle, tmp_path)
+    victim = sorted(b.root.rglob("*.onnx"))[-1]
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    assert main(["serve", str(b.root), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and victim.name in err and "Convert the bundle" in err

@@ -211,6 +211,16 @@ async def collect(events) -> tuple[list, Finished | None]:
     return out, finished
 
 
+def _load_checked(settings: ServerSettings) -> Engine:
+    """The engine, after the cheap whole-bundle check (sizes, ONNX headers): a damaged file stops the start with
+    its name, instead of a raw onnxruntime error on first use while /health says ok."""
+    from edge.bundle import require_intact
+    from edge.default_bundle import resolve_bundle
+
+    require_intact(resolve_bundle(settings.bundle))
+    return Engine.load(settings)
+
+
 # --- the app -------------------------------------------------------------------------------------------------------
 def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
     """The ASGI app. Without `engine` the model is loaded at startup (and closed at shutdown)."""
@@ -220,7 +230,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     async def lifespan(app):
         owned = holder["engine"] is None
         if owned:
-            holder["engine"] = await run_in_threadpool(Engine.load, settings)
+            holder["engine"] = await run_in_threadpool(_load_checked, settings)
         yield
         if owned:
             holder["engine"].close()
@@ -435,11 +445,7 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
     """Load the bundle, then serve until interrupted (what `minicpmo-edge serve` runs)."""
     import uvicorn
 
-    from edge.bundle import require_intact
-    from edge.default_bundle import resolve_bundle
-
-    require_intact(resolve_bundle(settings.bundle))  # a truncated or corrupt file stops the start, named
-    engine = Engine.load(settings)
+    engine = _load_checked(settings)
     b = engine.omni.bundle
     print(f"model: {b.root} ({b.source.get('name')})" + ("  [RANDOM WEIGHTS]" if b.random_weights else ""))
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:

@@ -18,7 +18,7 @@ Layout of `bundle.json` (schema `edge.keys.BUNDLE_SCHEMA_VERSION`)::
 A part's `files` maps a role (a quantisation variant, or a sub-graph name) to one file; `meta` holds whatever the
 runtime class of that part needs. New parts are added without touching the others.
 
-Trust: a manifest's paths must stay inside the bundle directory (checked at load, `..` and symlinks resolved), so
+Trust: a manifest's paths must stay inside the bundle directory (checked at load: no `..`, no absolute paths), so
 a crafted bundle.json cannot make the runtime open other files. `check_files` compares every file's size with the
 manifest and reads the first bytes of each ONNX graph (cheap: no hashing), so a truncated or overwritten file is
 named at start-up instead of failing on first use; `verify` hashes everything (`minicpmo-edge info --verify`).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,9 +121,11 @@ class Bundle:
 
     def path_of(self, f: BundleFile) -> Path:
         """Where a manifest entry points; CorruptModelFileError if that is outside the bundle directory."""
-        root = self.root.resolve()
-        path = (root / f.path).resolve()
-        if not path.is_relative_to(root):
+        # Lexical, not resolved: `..` and absolute paths in the manifest are refused, while a symlink that the
+        # bundle's owner put inside the directory (e.g. to share files between bundles) is theirs to make.
+        root = Path(os.path.abspath(self.root))
+        path = Path(os.path.normpath(root / f.path))
+        if Path(f.path).is_absolute() or not path.is_relative_to(root):
             raise CorruptModelFileError(
                 f"{self.root / keys.BUNDLE_MANIFEST} lists {f.path!r}, which is outside the bundle directory; a "
                 "bundle may only name its own files. Convert the bundle again (or fix the manifest).", f.path)

@@ -360,3 +360,41 @@ def test_serve_refuses_a_damaged_bundle_naming_the_file(golden_bundle, tmp_path,
     assert main(["serve", str(b.root), "--port", "0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and victim.name in err and "Convert the bundle" in err
+
+
+def test_http_media_has_a_total_deadline():
+    """A source that sends a byte every 0.2 s never trips a per-read timeout; the total deadline (1 s) ends it."""
+    import socket
+    import time
+
+    from edge.server.errors import APIError
+    from edge.server.media import MediaDecoder
+    from edge.server.settings import ServerSettings
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    dec = MediaDecoder(ServerSettings(allow_http_media=True, media_fetch_timeout=1.0))
+    try:
+        with pytest.raises(APIError, match="took longer than 1 s") as e:
+            dec.fetch(f"http://127.0.0.1:{srv.getsockname()[1]}/slow.png", "p", kind="image")
+        assert e.value.status == 408 and e.value.code == "fetch_timeout"
+    finally:
+        stop.set()
+        srv.close()

@@ -281,3 +281,19 @@ def test_rejected_heavy_requests_leave_no_memory(engine, golden_bundle, monkeypa
         assert rss_mb() - start < 100
     finally:
         srv.stop()
+
+
+def test_client_errors_log_one_line_without_traceback(server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    uv = logging.getLogger("uvicorn.error")  # where uvicorn logs "Exception in ASGI application" (not propagated)
+    uv.addHandler(caplog.handler)
+    try:
+        body = chat({"type": "text", "text": "hello " * 6000})
+        error(post(server, body=body), 400, "the context holds 4096")
+    finally:
+        uv.removeHandler(caplog.handler)
+    mine = [r for r in caplog.records if r.name == "edge.server" and "context holds" in r.getMessage()]
+    assert len(mine) == 1 and mine[0].getMessage().startswith("400 POST /v1/chat/completions")
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]

@@ -3,7 +3,8 @@
 What is written (under `tts/` in the bundle; roles/names are owned by edge/tts/backbone.py and decoder.py):
 - backbone.{fp32,int8}.onnx (+ .weights, external data): the Llama of `tts.model` with explicit past keys/values in,
   the new positions' keys/values out, an additive attention mask and position ids in; works for n-token prefill and
-  1-token steps, with any past length (0 included), and the 4 weight-normed `head_code` projections of the last position.
+  1-token steps, with any past length (0 included), and the 4 weight-normed `head_code` projections of the last
+  position.
 - projector.fp32.onnx: `tts.projector` (Linear-ReLU-Linear) + L2 normalisation, as `merge_inputs_embeds` does.
 - emb_text.npy, emb_code.npy: embedding tables looked up in numpy.
 - dvae.{fp32,int8}.onnx: GFSQ code embedding -> DVAEDecoder -> out_conv -> * coef (the decode path only).

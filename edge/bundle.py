@@ -19,12 +19,18 @@ Layout of `bundle.json` (schema `edge.keys.BUNDLE_SCHEMA_VERSION`)::
 
 A part's `files` maps a role (a quantisation variant, or a sub-graph name) to one file; `meta` holds whatever the
 runtime class of that part needs. New parts are added without touching the others.
+
+Trust: a manifest's paths must stay inside the bundle directory (checked at load: no `..`, no absolute paths), so
+a crafted bundle.json cannot make the runtime open other files. `check_files` compares every file's size with the
+manifest and reads the first bytes of each ONNX graph (cheap: no hashing), so a truncated or overwritten file is
+named at start-up instead of failing on first use; `verify` hashes everything (`minicpmo-edge info --verify`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +38,11 @@ from edge import keys
 from edge.errors import BundleVersionError, CorruptModelFileError, ModelFilesNotFoundError
 
 _HASH_BLOCK = 1 << 22
+# An ONNX file is a serialised ModelProto; protobuf writes fields in number order, so it starts with field 1
+# (ir_version, varint): tag byte (1 << 3) | 0 = 0x08, then a small version number (onnx IR versions are 3..13).
+ONNX_SUFFIX = ".onnx"
+ONNX_FIRST_TAG = 0x08
+ONNX_MAX_IR_VERSION = 64
 
 
 def sha256_file(path: Path) -> str:
@@ -124,8 +135,24 @@ class Bundle:
         if d.get("arch") != keys.BUNDLE_ARCH:
             raise BundleVersionError(f"bundle {root} is for arch {d.get('arch')!r}, expected {keys.BUNDLE_ARCH!r}.")
         parts = {k: BundlePart.from_json(v) for k, v in d.get("parts", {}).items()}
-        return cls(root, version, d["arch"], d.get("source", {}), d.get("dims", {}),
-                   dict(d.get("special_tokens", {})), parts)
+        bundle = cls(root, version, d["arch"], d.get("source", {}), d.get("dims", {}),
+                     dict(d.get("special_tokens", {})), parts)
+        for part in parts.values():
+            for f in part.files.values():
+                bundle.path_of(f)
+        return bundle
+
+    def path_of(self, f: BundleFile) -> Path:
+        """Where a manifest entry points; CorruptModelFileError if that is outside the bundle directory."""
+        # Lexical, not resolved: `..` and absolute paths in the manifest are refused, while a symlink that the
+        # bundle's owner put inside the directory (e.g. to share files between bundles) is theirs to make.
+        root = Path(os.path.abspath(self.root))
+        path = Path(os.path.normpath(root / f.path))
+        if Path(f.path).is_absolute() or not path.is_relative_to(root):
+            raise CorruptModelFileError(
+                f"{self.root / keys.BUNDLE_MANIFEST} lists {f.path!r}, which is outside the bundle directory; a "
+                "bundle may only name its own files. Convert the bundle again (or fix the manifest).", f.path)
+        return path
 
     def to_json(self) -> dict:
         return {
@@ -155,7 +182,7 @@ class Bundle:
         if role not in p.files:
             raise ModelFilesNotFoundError(
                 f"bundle part '{part}' has no '{role}' file (it has: {', '.join(sorted(p.files))}).")
-        path = self.root / p.files[role].path
+        path = self.path_of(p.files[role])
         if not path.is_file():
             raise ModelFilesNotFoundError(
                 f"{path} is listed in {keys.BUNDLE_MANIFEST} but missing on disk. Convert the bundle again.",
@@ -172,9 +199,43 @@ class Bundle:
         problems = []
         for pname, part in self.parts.items():
             for role, f in part.files.items():
-                path = self.root / f.path
+                path = self.path_of(f)
                 if not path.is_file():
                     problems.append(f"{pname}/{role}: {f.path} missing")
                 elif sha256_file(path) != f.sha256:
                     problems.append(f"{pname}/{role}: {f.path} sha256 mismatch")
         return problems
+
+    def check_files(self) -> list[str]:
+        """Cheap checks of every file (existence, size = manifest, ONNX header); the problems found."""
+        problems = []
+        for pname, part in self.parts.items():
+            for role, f in part.files.items():
+                path = self.path_of(f)
+                if not path.is_file():
+                    problems.append(f"{pname}/{role}: {f.path} is missing")
+                    continue
+                size = path.stat().st_size
+                if size != f.bytes:
+                    problems.append(f"{pname}/{role}: {f.path} has {size} bytes, the manifest says {f.bytes}")
+                elif path.name.endswith(ONNX_SUFFIX) and not onnx_header_ok(path):
+                    problems.append(f"{pname}/{role}: {f.path} does not start like an ONNX model (corrupt or "
+                                    "overwritten)")
+        return problems
+
+
+def onnx_header_ok(path: Path) -> bool:
+    """True when the file starts with an ONNX ModelProto's ir_version field (see ONNX_FIRST_TAG)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == ONNX_FIRST_TAG and 0 < head[1] <= ONNX_MAX_IR_VERSION
+
+
+def require_intact(bundle: Bundle) -> None:
+    """CorruptModelFileError naming every problem of `check_files` (none: returns)."""
+    problems = bundle.check_files()
+    if problems:
+        raise CorruptModelFileError(
+            f"bundle {bundle.root} is damaged: " + "; ".join(problems) + ". Convert the bundle again (`minicpmo-edge "
+            "convert` or `pull --overwrite`); `minicpmo-edge info BUNDLE --verify` checks every checksum.",
+            str(bundle.root))

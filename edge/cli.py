@@ -45,7 +45,14 @@ def _cmd_info(a) -> None:
     for name, part in b.parts.items():
         meta = {k: v for k, v in part.meta.items() if k in ("quant", "variants")}
         for role, f in part.files.items():
-            print(f"  {name:7s} {role:14s} {f.path:32s} {f.bytes / 2**20:9.1f} MiB {meta or ''}")
+            path = b.path_of(f)
+            size = path.stat().st_size if path.is_file() else None
+            shown = "MISSING" if size is None else f"{size / 2**20:9.1f} MiB"
+            print(f"  {name:7s} {role:14s} {f.path:32s} {shown} {meta or ''}")
+    problems = b.check_files()  # always: sizes against the manifest, ONNX headers (cheap)
+    if problems:
+        print("  problems: " + "; ".join(problems) + ". Convert the bundle again.")
+        raise SystemExit(1)
     if a.verify:
         problems = b.verify()
         print("  sha256: " + ("all files OK" if not problems else "; ".join(problems)))

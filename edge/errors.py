@@ -84,3 +84,10 @@ class ChatTemplateError(EdgeError, ValueError):
 
 class UnsafePickleError(CorruptModelFileError):
     """A pickle file (a torch `.pt`) names code other than tensor storages; it is refused, never run."""
+
+class InputLimitError(InvalidInputError):
+    """An input is over a cost limit (duration, pixels, patches, count, bytes): refused before it is decoded."""
+
+
+class CancelledError(EdgeError):
+    """Work was stopped because its requester went away (e.g. media decoding for a disconnected client)."""

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from edge import keys
-from edge.errors import InvalidInputError
+from edge.errors import InputLimitError, InvalidInputError
 
 # Defaults of the 2.6 checkpoint's preprocessor_config.json / config.json slice_config (spec §1.3, §2.1).
 PATCH_SIZE = 14
@@ -37,6 +37,11 @@ NORM_MEAN = (0.5, 0.5, 0.5)
 NORM_STD = (0.5, 0.5, 0.5)
 PIXEL_SCALE = 255.0  # uint8 -> [0, 1], like `to_numpy_array(img).astype(float32) / 255`
 RESAMPLE = Image.Resampling.BICUBIC  # the official resize filter
+# Cost bound (not in the official processor, which has none): every slice aims at scale_resolution^2 pixels, i.e.
+# (448 / 14)^2 = 1024 patches, and stays within 1.4x of that for aspect ratios up to ~1000:1. Beyond that the
+# official arithmetic keeps one patch row and lets the width grow (a 200704x1 image -> one slice of 14336 patches,
+# an attention matrix of 14336^2 per head). Twice the aimed size is refused with the reason.
+MAX_SLICE_PATCHES_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,11 @@ class SliceOptions:
     def __post_init__(self):
         if self.max_slice_nums < 1:
             raise InvalidInputError(f"max_slice_nums must be >= 1, got {self.max_slice_nums}.")
+
+    @property
+    def max_slice_patches(self) -> int:
+        """Most patches one slice may have (see MAX_SLICE_PATCHES_FACTOR)."""
+        return MAX_SLICE_PATCHES_FACTOR * (self.scale_resolution // self.patch_size) ** 2
 
 
 @dataclass(frozen=True)
@@ -182,10 +192,25 @@ def plan_slices(size: tuple[int, int], options: SliceOptions = SliceOptions()) -
     res, p = options.scale_resolution, options.patch_size
     grid = get_sliced_grid((w, h), options.max_slice_nums, res)
     if grid is None:
-        return SlicePlan((w, h), find_best_resize((w, h), res, p, allow_upscale=True), None, None)
-    source = find_best_resize((w, h), res, p)
-    refine = get_refine_size((w, h), grid, res, p, allow_upscale=True)
-    return SlicePlan((w, h), source, grid, refine)
+        plan = SlicePlan((w, h), find_best_resize((w, h), res, p, allow_upscale=True), None, None)
+    else:
+        source = find_best_resize((w, h), res, p)
+        plan = SlicePlan((w, h), source, grid, get_refine_size((w, h), grid, res, p, allow_upscale=True))
+    return plan
+
+
+def check_slice_cost(plan: SlicePlan, options: SliceOptions = SliceOptions()) -> SlicePlan:
+    """`plan` if its largest slice is within `options.max_slice_patches`, else InputLimitError with the reason
+    (extreme aspect ratios). Separate from `plan_slices`, which stays the official arithmetic for any size."""
+    p = options.patch_size
+    worst = max((sw // p) * (sh // p) for sw, sh in plan.slice_sizes)
+    if worst > options.max_slice_patches:
+        w, h = plan.original_size
+        raise InputLimitError(
+            f"image {w}x{h} (aspect ratio {max(w, h) / min(w, h):.0f}:1) would make a slice of {worst} patches; "
+            f"the slicer aims at {(options.scale_resolution // p) ** 2} per slice and the limit is "
+            f"{options.max_slice_patches}. Crop or pad the image to an aspect ratio under about 1000:1.")
+    return plan
 
 
 # --- placeholder text -------------------------------------------------------------------------------------------
@@ -256,7 +281,7 @@ def preprocess_image(image: Image.Image, options: SliceOptions = SliceOptions(),
         raise InvalidInputError(
             f"preprocess_image needs an RGB image, got mode {image.mode!r}; load it with "
             "edge.io.images.load_image (it converts like the official processor).")
-    plan = plan_slices(image.size, options)
+    plan = check_slice_cost(plan_slices(image.size, options), options)  # before any pixel work
     p = options.patch_size
     slices, tgt = [], []
     for img in slice_image(image, plan):

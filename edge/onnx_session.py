@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from edge.errors import CorruptModelFileError
 from edge.options import OrtOptions
 
 __all__ = ["OrtOptions", "make_session"]
@@ -34,6 +35,14 @@ def make_session(path: str | Path, options: OrtOptions | None = None):
     providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
     if options.providers and providers != list(options.providers):
         log.warning("requested providers %s, available %s: using %s", options.providers, sorted(available), providers)
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own pybind classes (InvalidProtobuf, Fail, ...), all Exception
+        if not Path(path).is_file():
+            raise
+        raise CorruptModelFileError(
+            f"onnxruntime cannot load {path} ({type(e).__name__}: {str(e)[:200]}); the file is corrupt or was "
+            "written by an incompatible exporter. Convert the bundle again; `minicpmo-edge info BUNDLE --verify` "
+            "checks every file.", str(path)) from None
     log.info("onnxruntime %s: providers %s", Path(path).name, sess.get_providers())
     return sess

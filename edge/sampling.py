@@ -74,7 +74,13 @@ class Sampler:
             x[ids] = np.where(v > 0, v / o.repetition_penalty, v * o.repetition_penalty)
         if o.greedy or o.temperature <= 0:
             return int(np.argmax(x))
-        x /= o.temperature
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            scaled = x / np.float32(o.temperature)
+        if not np.isfinite(scaled.max()):
+            # A temperature so small (e.g. 1e-300, 0 in float32) that logits / temperature overflow: the limit
+            # of sampling as the temperature goes to 0 is the argmax, so that is what it gets.
+            return int(np.argmax(x))
+        x = scaled
         if 0 < o.top_k < x.size:
             kth = np.partition(x, -o.top_k)[-o.top_k]
             x[x < kth] = -np.inf

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edge.constants import AUDIO_SAMPLE_RATE
-from edge.errors import InvalidInputError
+from edge.errors import CancelledError, InputLimitError, InvalidInputError
 
 # Whisper's input rate (preprocessor_config.json `sampling_rate`).
 SAMPLE_RATE = AUDIO_SAMPLE_RATE
@@ -124,32 +125,104 @@ def _mono(a: np.ndarray, what: str) -> np.ndarray:
     return a.mean(axis=1)
 
 
-def _decode(src: str | Path | bytes, what: str) -> tuple[np.ndarray, int]:
-    import soundfile as sf
+# Files are decoded in blocks of this many frames (about 4 s at 48 kHz): a duration limit stops the decoding at
+# the limit even when the header under-states the length, and channels are averaged block by block.
+DECODE_BLOCK_FRAMES = 1 << 18
+# libsndfile reports SF_COUNT_MAX (2^63 - 1) frames when the header does not say (e.g. a FLAC stream with
+# total_samples = 0); anything this large is "unknown", never a length (2^62 frames at 384 kHz is 380 kyears).
+_UNKNOWN_FRAMES = 1 << 62
 
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the container header says, read without decoding (seconds None: the header does not say)."""
+
+    seconds: float | None
+    sample_rate: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    """Attributes:
+    max_seconds: refuse longer audio (from the header before decoding, and again while decoding).
+    should_stop: polled between decoded blocks; True stops the decoding with `CancelledError`.
+    """
+
+    max_seconds: float | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+def _handle(src: str | Path | bytes):
     if isinstance(src, (str, Path)):
         path = Path(src)
         if not path.is_file():
             raise InvalidInputError(f"audio file {path} does not exist.")
         if path.stat().st_size == 0:
             raise InvalidInputError(f"audio file {path} is empty (0 bytes); record or export it again.")
-        handle: object = str(path)
-    else:
-        if len(src) == 0:
-            raise InvalidInputError("audio bytes are empty; pass the content of a WAV/FLAC/OGG/MP3 file.")
-        handle = io.BytesIO(src)
+        return str(path)
+    if len(src) == 0:
+        raise InvalidInputError("audio bytes are empty; pass the content of a WAV/FLAC/OGG/MP3 file.")
+    return io.BytesIO(src)
+
+
+def _undecodable(what: str, e: Exception) -> InvalidInputError:
+    import soundfile as sf
+
+    return InvalidInputError(
+        f"cannot decode {what} as audio ({e}). Supported: WAV, FLAC, OGG/Vorbis/Opus and MP3 "
+        f"(libsndfile {sf.__libsndfile_version__}); convert other formats first, e.g. "
+        "`ffmpeg -i in.m4a -ar 16000 -ac 1 out.wav`.")
+
+
+def probe_audio(src: str | Path | bytes) -> AudioInfo:
+    """Duration, rate and channels from the container header (nothing is decoded)."""
+    import soundfile as sf
+
+    what = f"audio file {src}" if isinstance(src, (str, Path)) else f"{len(src)} audio bytes"
     try:
-        data, sr = sf.read(handle, dtype="float64", always_2d=True)
+        info = sf.info(_handle(src))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise InvalidInputError(
-            f"cannot decode {what} as audio ({e}). Supported: WAV, FLAC, OGG/Vorbis/Opus and MP3 "
-            f"(libsndfile {sf.__libsndfile_version__}); convert other formats first, e.g. "
-            "`ffmpeg -i in.m4a -ar 16000 -ac 1 out.wav`.") from e
-    return data, int(sr)
+        raise _undecodable(what, e) from None
+    rate = int(info.samplerate)
+    known = 0 <= info.frames < _UNKNOWN_FRAMES and rate > 0
+    return AudioInfo(info.frames / rate if known else None, rate, int(info.channels))
 
 
-def load_audio(src: str | Path | bytes | tuple[np.ndarray, int]) -> np.ndarray:
-    """Decode `src` (a path, the bytes of a file, or `(samples, sample_rate)`) to float32 mono at 16 kHz."""
+def _too_long(what: str, seconds: float, limit: float, exact: bool) -> InputLimitError:
+    size = f"{seconds:.1f} s" if exact else f"longer than {limit:.0f} s"
+    return InputLimitError(f"{what} is {size}; the limit is {limit:.0f} s. Send a shorter clip (cut it, e.g. "
+                           f"`ffmpeg -i IN -t {limit:.0f} OUT.wav`).")
+
+
+def _decode_limited(src: str | Path | bytes, what: str, limits: AudioLimits) -> tuple[np.ndarray, int]:
+    """Mono float64 samples and the rate, decoded block by block within `limits`."""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(_handle(src)) as f:
+            sr = int(f.samplerate)
+            cap = None if limits.max_seconds is None else int(limits.max_seconds * sr)
+            if cap is not None and cap < f.frames < _UNKNOWN_FRAMES:
+                raise _too_long(what, f.frames / sr, limits.max_seconds, exact=True)
+            blocks, n = [], 0
+            for block in f.blocks(DECODE_BLOCK_FRAMES, dtype="float64", always_2d=True):
+                if limits.should_stop is not None and limits.should_stop():
+                    raise CancelledError(f"decoding {what} was stopped: the request was cancelled.")
+                n += block.shape[0]
+                if cap is not None and n > cap:  # the header under-stated the length
+                    raise _too_long(what, n / sr, limits.max_seconds, exact=False)
+                blocks.append(block.mean(axis=1))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise _undecodable(what, e) from None
+    return (np.concatenate(blocks) if blocks else np.zeros(0)), sr
+
+
+def load_audio(src: str | Path | bytes | tuple[np.ndarray, int], limits: AudioLimits | None = None) -> np.ndarray:
+    """Decode `src` (a path, the bytes of a file, or `(samples, sample_rate)`) to float32 mono at 16 kHz.
+
+    With `limits`, files are decoded block by block and refused (`InputLimitError`) as soon as they pass
+    `max_seconds`, from the header when it tells, else at the block that crosses the limit."""
     if isinstance(src, tuple):
         if len(src) != 2:
             raise InvalidInputError("pass audio arrays as (samples, sample_rate).")
@@ -160,8 +233,8 @@ def load_audio(src: str | Path | bytes | tuple[np.ndarray, int]) -> np.ndarray:
         data = _mono(_to_float(arr), what)
     elif isinstance(src, (str, Path, bytes, bytearray, memoryview)):
         what = f"audio file {src}" if isinstance(src, (str, Path)) else f"{len(src)} audio bytes"
-        data, sr = _decode(bytes(src) if not isinstance(src, (str, Path)) else src, what)
-        data = data.mean(axis=1)
+        raw = bytes(src) if not isinstance(src, (str, Path)) else src
+        data, sr = _decode_limited(raw, what, limits or AudioLimits())
     else:
         raise InvalidInputError(
             f"unsupported audio input of type {type(src).__name__}; pass a path, file bytes or (samples, rate).")

@@ -93,6 +93,28 @@ def load_image(source, options: ImageLoadOptions = ImageLoadOptions()) -> Image.
         "HxWx3 uint8 numpy array.")
 
 
+def probe_image(data: bytes) -> tuple[int, int, str]:
+    """(W, H, format) from the header of encoded image bytes, without decoding pixels (for cost checks)."""
+    if not data:
+        raise InvalidInputError("image bytes are empty (0 bytes); pass the encoded file content.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                (w, h), fmt = image.size, image.format or ""
+        except Image.DecompressionBombError as e:
+            raise InvalidInputError(f"image bytes are too large to decode safely ({e}); downscale the image.") from None
+        except UnidentifiedImageError:
+            raise InvalidInputError(
+                "image bytes are not an image format PIL can read (or the file is corrupt); use PNG, JPEG, WebP, "
+                "GIF, BMP or TIFF.") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise InvalidInputError(f"image bytes cannot be read: {e}") from None
+    if w < 1 or h < 1:
+        raise InvalidInputError(f"image bytes have an empty size {w}x{h}.")
+    return w, h, fmt
+
+
 def _from_array(a: np.ndarray) -> Image.Image:
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
         raise InvalidInputError(

@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from edge.errors import InvalidInputError
+from edge.errors import CancelledError, InputLimitError, InvalidInputError
 from edge.image_preprocess import PreprocessedImage, SliceOptions, preprocess_image
 
 DEFAULT_FPS = 1.0  # frames sampled per second of video (official recipe)
@@ -42,6 +43,8 @@ class VideoOptions:
 
     fps: float = DEFAULT_FPS
     max_frames: int = MAX_FRAMES
+    max_frame_pixels: int | None = None  # refuse larger frames (from the header, before any frame is decoded)
+    should_stop: Callable[[], bool] | None = None  # polled between frames; True stops with CancelledError
 
     def __post_init__(self):
         if not (self.fps > 0 and math.isfinite(self.fps)):
@@ -129,15 +132,39 @@ def _count_frames(path: Path, name: str) -> int:
         cap.release()
 
 
-def _load_path(path: Path, options: VideoOptions, name: str) -> VideoFrames:
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says, read without decoding a frame."""
+
+    width: int
+    height: int
+    fps: float
+    n_frames: int  # 0 when the container does not say
+
+
+def probe_video(path: str | Path, name: str | None = None) -> VideoInfo:
     import cv2
 
-    cap = _open(path, name)
+    cap = _open(Path(path), name or str(path))
     try:
-        fps = float(cap.get(cv2.CAP_PROP_FPS))
-        n_frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        return VideoInfo(int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                         float(cap.get(cv2.CAP_PROP_FPS)), max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))))
     finally:
         cap.release()
+
+
+def check_frame_size(info: VideoInfo, options: VideoOptions, name: str) -> None:
+    if options.max_frame_pixels is not None and info.width * info.height > options.max_frame_pixels:
+        raise InputLimitError(
+            f"{name} has {info.width}x{info.height} frames = {info.width * info.height / 1e6:.1f} MP, above the "
+            f"{options.max_frame_pixels / 1e6:.1f} MP limit per frame; downscale it first (e.g. "
+            "`ffmpeg -i IN -vf scale=1280:-2 OUT.mp4`).")
+
+
+def _load_path(path: Path, options: VideoOptions, name: str) -> VideoFrames:
+    info = probe_video(path, name)
+    check_frame_size(info, options, name)
+    fps, n_frames = info.fps, info.n_frames
     if not (fps > 0 and math.isfinite(fps)):
         raise InvalidInputError(
             f"{name} does not state its frame rate, so frames cannot be timed; re-mux it with a frame rate "
@@ -151,6 +178,8 @@ def _load_path(path: Path, options: VideoOptions, name: str) -> VideoFrames:
         targets, i = set(wanted), 0
         last = wanted[-1] if wanted else -1
         while i <= last and cap.grab():
+            if options.should_stop is not None and options.should_stop():
+                raise CancelledError(f"decoding {name} was stopped: the request was cancelled.")
             if i in targets:
                 ok, bgr = cap.retrieve()
                 if ok and bgr is not None:

@@ -73,8 +73,8 @@ def from_exception(e: BaseException, param: str | None = None) -> APIError:
         return APIError(400, str(e), param=param or "messages", code="context_length_exceeded")
     if isinstance(e, InvalidInputError):
         return APIError(400, str(e), param=param, code="invalid_input")
-    if isinstance(e, (ModelFilesNotFoundError, CorruptModelFileError)):
-        return APIError(500, f"the model bundle is broken: {e}", type="server_error", code="model_files")
+    if isinstance(e, (ModelFilesNotFoundError, CorruptModelFileError)):  # the server's files, not the request
+        return APIError(503, f"the model bundle is broken: {e}", type="server_error", code="model_files")
     if isinstance(e, EdgeError):
         return APIError(400, str(e), param=param, code=type(e).__name__)
     log.exception("internal error while serving a request", exc_info=e)

@@ -74,9 +74,11 @@ from edge.content import FRAME_PROMPT
 from edge.server import chat as chatlib
 from edge.server.engine import AudioChunk, Engine, Finished, Job, PromptReady, TextDelta
 from edge.server.errors import APIError, bad_request, format_validation, from_exception, key_matches
+from edge.server.jsonbody import parse_json
 from edge.server.live_session import LiveSession
 from edge.server.media import MediaDecoder, decode_base64, decode_data_url
 from edge.server.settings import ServerSettings
+from edge.server.types import Seed
 from edge.streaming_rules import UNIT_MARKER
 from edge.voice import OMNI_INSTRUCTIONS, clone_message
 
@@ -93,7 +95,7 @@ class SessionConfig(BaseModel):
     output_audio: bool | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed = None  # -1 = random (edge.server.types.Seed)
     max_tokens: int | None = Field(default=None, ge=1)
 
 
@@ -220,17 +222,15 @@ class RealtimeSession:
         self._worker = asyncio.create_task(self._work())
         try:
             while not self._closed:
-                msg = await self.ws.receive()
-                if msg["type"] == "websocket.disconnect":
+                msg = await self._receive_or_idle()
+                if msg is None or msg["type"] == "websocket.disconnect":
                     break
                 if msg.get("text") is None:
                     await self.send_error(bad_request("binary frames are not supported; send JSON text messages "
                                                       "(audio as base64).", None, "invalid_message"))
                     continue
                 try:
-                    await self.handle(json.loads(msg["text"]))
-                except json.JSONDecodeError as e:
-                    await self.send_error(bad_request(f"message is not valid JSON ({e}).", None, "invalid_json"))
+                    await self.handle(parse_json(msg["text"]))
                 except Exception as e:  # noqa: BLE001 - one bad message must not end the session
                     await self.send_error(e)
         finally:
@@ -239,6 +239,20 @@ class RealtimeSession:
             await self._cancel_response()
             self._worker.cancel()
             self._thread.shutdown(wait=False, cancel_futures=True)  # a step in progress returns once it has the model
+
+    async def _receive_or_idle(self):
+        """The next client message; None (after a goodbye message and a close) when the client has been silent
+        for `ws_idle_timeout` while no reply ran. Ping/pong (uvicorn) only finds dead peers, not idle ones."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.ws.receive(), self.s.ws_idle_timeout)
+            except asyncio.TimeoutError:
+                if self.response is not None and not self.response.done:
+                    continue  # the client is listening to a reply
+                await self.send_error(APIError(408, f"the socket was idle for {self.s.ws_idle_timeout:.0f} s and is "
+                                               "closed; reconnect to go on.", code="idle_timeout"))
+                await self.ws.close(code=1000)
+                return None
 
     @staticmethod
     def _out_rate() -> int:

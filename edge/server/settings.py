@@ -27,6 +27,24 @@ DEFAULT_MAX_AUDIO_SECONDS = 120.0
 # Video frames cost 64 tokens each (one unsliced image per frame): 16 frames = 1024 tokens.
 DEFAULT_MAX_VIDEO_FRAMES = 16
 DEFAULT_QUEUE = 32
+# Images per request: each costs 64-640 prompt tokens (1-10 slices), so 16 already fill a 4096-token context.
+DEFAULT_MAX_IMAGES = 16
+# Decoded media per request (RGB images/frames, audio decoded at its own rate): three 25-MP photos fit.
+DEFAULT_MAX_DECODED_BYTES = 256 * 2**20
+# One fetched media file (file:// or http): the body limit, since data URLs are bounded by it too.
+DEFAULT_MAX_MEDIA_BYTES = DEFAULT_MAX_BODY_BYTES
+# Timeouts for a local assistant: a client on the same machine sends its headers at once and a 32-MiB body in
+# well under a second; slow-loris connections are cut after these.
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 60.0
+DEFAULT_MEDIA_FETCH_TIMEOUT = 30.0  # the whole http(s) fetch, not one read
+DEFAULT_KEEP_ALIVE = 5  # uvicorn's default idle keep-alive
+DEFAULT_MAX_CONNECTIONS = 64  # uvicorn limit_concurrency: beyond it new requests get 503
+# WebSocket: a ping every 20 s, dead peers closed 20 s later (uvicorn's defaults); a live session with no
+# client message and no reply running for this long is closed (the page reconnects when used again).
+DEFAULT_WS_PING_INTERVAL = 20.0
+DEFAULT_WS_PING_TIMEOUT = 20.0
+DEFAULT_WS_IDLE_TIMEOUT = 600.0
 
 
 def _help(text: str, **kw) -> dict:
@@ -60,6 +78,32 @@ class ServerSettings:
         "frames sampled from a video (1 per second, evenly spread above this)"))
     max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata=_help(
         "largest max_tokens a request may ask for (HTTP 400 above)"))
+    max_images: int = field(default=DEFAULT_MAX_IMAGES, metadata=_help("most images per request"))
+    max_decoded_bytes: int = field(default=DEFAULT_MAX_DECODED_BYTES, metadata=_help(
+        "most bytes a request's media may decode to (checked on headers before decoding)"))
+    max_media_bytes: int = field(default=DEFAULT_MAX_MEDIA_BYTES, metadata=_help(
+        "largest media file read from --media-dir or fetched over http(s)"))
+    header_timeout: float = field(default=DEFAULT_HEADER_TIMEOUT, metadata=_help(
+        "seconds a connection may take to send a request's headers"))
+    body_timeout: float = field(default=DEFAULT_BODY_TIMEOUT, metadata=_help(
+        "seconds a request may take to send its body (HTTP 408 after)"))
+    media_fetch_timeout: float = field(default=DEFAULT_MEDIA_FETCH_TIMEOUT, metadata=_help(
+        "seconds one http(s) media fetch may take in total (--allow-http-media)"))
+    keep_alive_timeout: int = field(default=DEFAULT_KEEP_ALIVE, metadata=_help(
+        "seconds an idle keep-alive connection stays open"))
+    max_connections: int = field(default=DEFAULT_MAX_CONNECTIONS, metadata=_help(
+        "open connections + running requests at most (HTTP 503 beyond)"))
+    ws_ping_interval: float = field(default=DEFAULT_WS_PING_INTERVAL, metadata=_help(
+        "seconds between WebSocket pings"))
+    ws_ping_timeout: float = field(default=DEFAULT_WS_PING_TIMEOUT, metadata=_help(
+        "seconds to wait for a pong before the socket is closed"))
+    ws_idle_timeout: float = field(default=DEFAULT_WS_IDLE_TIMEOUT, metadata=_help(
+        "seconds a realtime socket may stay without a client message while no reply runs"))
+    allowed_origins: str = field(default="", metadata=_help(
+        "comma-separated extra Origins (scheme://host[:port]) allowed to call the API and open the socket; the "
+        "server's own page is always allowed"))
+    allowed_hosts: str = field(default="", metadata=_help(
+        "comma-separated extra Host names accepted when bound to loopback without a key (DNS-rebinding guard)"))
     allow_http_media: bool = field(default=False, metadata=_help(
         "let image_url / audio_url / video_url fetch http(s) URLs (off: data URLs only)"))
     media_dir: str | None = field(default=None, metadata=_help(
@@ -79,15 +123,28 @@ class ServerSettings:
     overrides: tuple = field(default=(), metadata={"flag": False})
 
     def __post_init__(self):
-        for name in ("concurrency", "max_body_bytes", "max_image_pixels", "max_video_frames", "max_tokens", "n_ctx"):
+        for name in ("concurrency", "max_body_bytes", "max_image_pixels", "max_video_frames", "max_tokens", "n_ctx",
+                     "max_images", "max_decoded_bytes", "max_media_bytes", "max_connections"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"server setting {name} must be >= 1, got {getattr(self, name)}.")
         if self.max_queue < 0 or self.max_audio_seconds <= 0:
             raise ValueError("max_queue must be >= 0 and max_audio_seconds > 0.")
+        for name in ("header_timeout", "body_timeout", "media_fetch_timeout", "ws_ping_interval", "ws_ping_timeout",
+                     "ws_idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"server setting {name} must be > 0 seconds, got {getattr(self, name)}.")
 
     @property
     def media_root(self) -> Path | None:
         return Path(self.media_dir).expanduser().resolve() if self.media_dir else None
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return tuple(o.strip().rstrip("/").lower() for o in self.allowed_origins.split(",") if o.strip())
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
 
     def replace(self, **changes) -> "ServerSettings":
         return dataclasses.replace(self, **changes)

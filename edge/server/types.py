@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _random_if_negative(seed: int | None) -> int | None:
+    """llama-server's rule: a negative seed (the usual -1) means "random", i.e. no seed."""
+    return None if seed is not None and seed < 0 else seed
+
+
+# A sampling seed; -1 (any negative value) = random, as in llama-server.
+Seed = Annotated[int | None, AfterValidator(_random_if_negative)]
 
 
 class _Lenient(BaseModel):
@@ -80,7 +89,7 @@ class ChatCompletionRequest(_Lenient):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = None
+    seed: Seed = None
     stop: Union[str, list[str], None] = None
     n: int | None = 1
     frequency_penalty: float | None = None
@@ -107,7 +116,7 @@ class SpeechRequest(_Lenient):
     response_format: str = "wav"
     speed: float | None = None
     instructions: str | None = None
-    seed: int | None = None  # extension: makes the sampled speech reproducible
+    seed: Seed = None  # extension: makes the sampled speech reproducible
 
 
 # --- responses ---------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from edge.tts.text import (
     TtsTokenizer,
     detect_language,
     normalize_piece,
-    prepare_tts_text,
+    prompt_ids,
     sentence_end,
 )
 
@@ -144,8 +144,8 @@ class TTS:
 
     def prompt_ids(self, text: str) -> tuple[np.ndarray, int]:
         """(ids of the 303-slot prompt, number of text tokens)."""
-        prompt, n = prepare_tts_text(text, self.tokenizer, self.dims.reserved_len, self.dims.num_spk_embs)
-        ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int64)
+        ids, n = prompt_ids(text, self.tokenizer, self.dims.reserved_len, self.dims.num_spk_embs)
+        ids = np.asarray(ids, dtype=np.int64)
         if ids.shape[0] != self.dims.condition_length:  # the official code carries on misaligned; so do we
             log.warning("the TTS prompt tokenised to %d ids instead of %d (ChatTTS control tokens in the text?)",
                         ids.shape[0], self.dims.condition_length)
@@ -263,7 +263,7 @@ class TTS:
         gen_text, lang, chunk_idx, decoded, n, ids = "", "english", 0, 0, 0, None
         if carry is not None:  # re-prefill the last text ids and audio frames of the previous segment
             computing()
-            start = np.asarray(self.tokenizer.encode(STTS + SPK_EMB * d.num_spk_embs), dtype=np.int64)
+            start = np.asarray(self.tokenizer.control_ids(STTS + SPK_EMB * d.num_spk_embs), dtype=np.int64)
             self.backbone.prefill_text(st.cache, np.concatenate([start, carry.text_ids]), 0, spk)
             self.backbone.prefill_audio(st.cache, carry.codes[:-1], build_text_mask(carry.text_ids.size, d))
             st.codes = list(carry.codes)

@@ -10,6 +10,12 @@ is an option for English that uses the `num2words` package (imported only when c
 `prepare_tts_text` builds `[Stts][spk_emb]` + text + `[Etts]` + `[PAD]`... + `[Ptts]` so that text + `[Etts]` +
 padding fill exactly `reserved_len` (300) slots; a text of `reserved_len` tokens or more is cut to `reserved_len`
 and gets no `[Etts]`.
+
+Control tokens come only from here, never from the text: the official code tokenises the whole prompt string, so a
+user's "[spk_emb]" or "[Etts]" became a control token (a second speaker slot, an early end). `TtsTokenizer.encode`
+reads text literally (the spellings become ordinary word pieces, as the LLM side does for its special tokens) and
+`prompt_ids` joins the control ids and the text ids; for text without such spellings the ids are the same as the
+official string tokenisation (the BERT pre-tokenizer splits at the special tokens either way).
 """
 
 from __future__ import annotations
@@ -49,15 +55,22 @@ class TtsTokenizer:
         path = Path(path)
         if not path.is_file():
             raise ModelFilesNotFoundError(f"TTS tokenizer {path} not found; convert the bundle again.", str(path))
-        self._tok = Tokenizer.from_file(str(path))
+        self._tok = Tokenizer.from_file(str(path))  # control tokens parsed (only for our own control strings)
+        self._text = Tokenizer.from_file(str(path))  # a second instance: the flag is per tokenizer, not per call
+        self._text.encode_special_tokens = True  # user text: "[PAD]" is the characters [ P A D ], not a token
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> "TtsTokenizer":
         return cls(bundle.file(keys.PART_TTS, "tokenizer/tokenizer.json"))
 
     def encode(self, text: str) -> list[int]:
-        """Ids without [CLS]/[SEP] (`encode(..., add_special_tokens=False)` in the official code)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Ids of literal text without [CLS]/[SEP] (`encode(..., add_special_tokens=False)` in the official code);
+        control-token spellings in `text` stay text."""
+        return self._text.encode(text, add_special_tokens=False).ids
+
+    def control_ids(self, control: str) -> list[int]:
+        """Ids of a string made of control tokens only (e.g. "[Stts][spk_emb]")."""
+        return self._tok.encode(control, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -67,6 +80,19 @@ class TtsTokenizer:
         if i is None:
             raise ModelFilesNotFoundError(f"the TTS tokenizer has no {token!r} token: not a ChatTTS tokenizer.")
         return i
+
+
+def prompt_ids(text: str, tokenizer: TtsTokenizer, reserved_len: int = 300,
+               num_spk_embs: int = 1) -> tuple[list[int], int]:
+    """The ids `prepare_tts_text` describes, with `text` tokenised literally: (ids, number of text tokens)."""
+    ids = tokenizer.encode(text)
+    if len(ids) >= reserved_len:  # official: cut, decode, and the decoded text is tokenised again
+        ids = tokenizer.encode(tokenizer.decode(ids[:reserved_len]))
+        tail: list[int] = []
+    else:
+        tail = tokenizer.control_ids(ETTS + PAD * (reserved_len - len(ids) - 1))
+    return tokenizer.control_ids(STTS + SPK_EMB * num_spk_embs) + ids + tail + tokenizer.control_ids(PTTS), \
+        min(len(ids), reserved_len)
 
 
 def prepare_tts_text(text: str, tokenizer: TtsTokenizer, reserved_len: int = 300,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.helpers import REPO
 
 SCRIPT = textwrap.dedent("""
@@ -28,6 +30,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh process loads the bundle
 def test_chat_with_image_audio_and_speech_without_torch(golden_bundle):
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(golden_bundle.root)], cwd=REPO, capture_output=True,
                          text=True, timeout=300)

@@ -56,6 +56,7 @@ def _spk(omni, ref):
     return r.spk_embed, r
 
 
+@pytest.mark.slow
 def test_cloning_changes_the_speaker_embedding(golden_omni, tmp_path):
     a, ra = _spk(golden_omni, _clip(180, seed=1))
     a2, _ = _spk(golden_omni, _clip(180, seed=1))

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SCRIPT = textwrap.dedent("""
     import sys, tempfile
@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     from edge.omni import Omni, OmniOptions
     from edge.tts import TTS
     from edge.vision import VisionEncoder
-    from tests.conftest import golden_messages, rel_err
+    from tests.helpers import golden_messages, rel_err
     from tests.test_tts import GREEDY, _greedy_codes, _teacher_forced
 
     golden = Path(sys.argv[1])

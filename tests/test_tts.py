@@ -458,6 +458,8 @@ def test_sampler_eos_rule_and_support():
 
 # --- text normaliser ----------------------------------------------------------------------------------------------
 def test_text_normaliser_official_rules(tts):
+    from edge.tts.text import prompt_ids as tts_prompt_ids
+
     assert replace_numbers("I have 23 books", "english") == "I have two three books"
     assert replace_numbers("我有2个苹果", "chinese") == "我有二个苹果"
     assert normalize_piece("**Step 1** done", "english") == "Step one done"
@@ -469,7 +471,8 @@ def test_text_normaliser_official_rules(tts):
         assert replace_numbers("我有23个", "chinese", NumberStyle.CARDINAL) == "我有二三个"
     prompt, n = prepare_tts_text("word " * 400, tts.tokenizer)
     assert n == 300 and "[Etts]" not in prompt
-    assert len(tts.tokenizer.encode(prompt)) == 303
+    ids, _ = tts_prompt_ids("word " * 400, tts.tokenizer)  # the same window as ids (user text read literally)
+    assert len(ids) == 303 and tts.tokenizer.decode(ids).replace(" ", "") == prompt.replace(" ", "")
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------

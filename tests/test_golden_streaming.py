@@ -206,7 +206,7 @@ def _chat_msgs(d, case):
 
 @pytest.fixture(scope="module")
 def chat_audio(golden_omni, sref):
-    d, cases, z = sref
+    d, cases, _ = sref
     msgs = _chat_msgs(d, cases["cases"]["chat_audio"])
     prompt = golden_omni.build_prompt(msgs, use_tts_template=True)
     first = golden_omni.prefill_logits(msgs, use_tts_template=True)

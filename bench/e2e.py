@@ -211,7 +211,8 @@ def main(argv=None) -> dict:
     on, off = summary.get("overlap_on", {}), summary.get("overlap_off", {})
     if on.get("first_audio_median_s") and off.get("first_audio_median_s"):
         summary["first_audio_gain_x"] = round(off["first_audio_median_s"] / on["first_audio_median_s"], 2)
-    result = {"bench": "e2e", "bundle": str(a.bundle), "variant": a.variant, "threads": vars(split), "machine": machine(),
+    result = {"bench": "e2e", "bundle": str(a.bundle), "variant": a.variant, "threads": vars(split),
+              "machine": machine(),
               "versions": versions("onnxruntime", "llama_cpp_python", "numpy"), "runs": runs, "summary": summary}
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -130,7 +130,7 @@ def run_reply(bundle, variant: str, seconds: float, threads: int) -> dict:
     t0 = time.perf_counter()
     first, n = None, 0
     for chunk in tts.stream(pieces, spk, states=states):
-        if chunk.size:  # empty chunks only read on after the speech has ended
+        if chunk.size:  # empty chunks: one per text piece read while no audio is ready
             first = first or time.perf_counter() - t0
         n += chunk.shape[0]
     total = time.perf_counter() - t0
@@ -199,7 +199,8 @@ def main(argv=None) -> None:
         write_result(f"tts-{a.scale}", {
             "checkpoint": label, "threads": a.threads, "export_seconds": export_s,
             "files_bytes": {r: f.bytes for r, f in part.files.items()}, "int8_cosine_probe": part.meta["int8_cosine"],
-            "repeats": a.repeats, "summary": summary, "runs": runs, "peak_rss_gib": peak_rss_gib(), "versions": versions("numpy", "onnxruntime", "torch"),
+            "repeats": a.repeats, "summary": summary, "runs": runs, "peak_rss_gib": peak_rss_gib(),
+            "versions": versions("numpy", "onnxruntime", "torch"),
         })
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.checkpoint import Checkpoint
+from converters.int8 import REDUCE_RANGE
 from converters.progress import reporter
 from edge import audio_encoder as rt
 from edge.bundle import BundleFile, BundlePart
@@ -239,7 +240,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     on most CPU builds of onnxruntime."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=REDUCE_RANGE,
                      op_types_to_quantize=["MatMul"])
 
 

@@ -5,9 +5,13 @@ and a second checkpoint on disk (spec §5.1); here the `llm.` prefix is stripped
 streamed one at a time, so the 15 GB bf16 LLM never sits in memory. K-quants are not re-implemented: the base
 GGUF (exact BF16, or F32/F16) goes through llama.cpp's own `llama_model_quantize`.
 
-Tokenizer: the Qwen2 byte-level BPE (`tokenizer.ggml.model = gpt2`, `pre = qwen2`), tokens in id order, every
-added token of `tokenizer_config.json` typed CONTROL (all MiniCPM-o added tokens are `special: true`), so that
-llama.cpp only produces them when asked to parse special tokens: user text can never become a control token.
+Tokenizer: the Qwen2 byte-level BPE (`tokenizer.ggml.model = gpt2`, `pre = qwen2`), tokens in id order, added
+tokens typed as llama.cpp's own `convert_hf_to_gguf.py` (`get_vocab_base`) types them: CONTROL when the added token
+is `special` or looks special (`<|...|>`, `does_token_look_special`), USER_DEFINED otherwise (`<tool_call>`:
+HF and llama.cpp then both match it in plain text). llama.cpp produces CONTROL tokens only when asked to parse
+special tokens, so user text never becomes one. Special ids (bos/eos/unk/pad, add_bos) and the chat template are
+written by gguf-py's `SpecialVocab`, the code llama.cpp's converter uses, so they are what it writes (`<unk>` =
+128244 on the real vocabulary).
 """
 
 from __future__ import annotations
@@ -95,6 +99,16 @@ def tensor_map(dims: LLMDims) -> dict[str, str]:
     return out
 
 
+# `convert_hf_to_gguf.py` `does_token_look_special`: added tokens that are CONTROL whatever their `special` flag.
+_LOOKS_SPECIAL_EXACT = ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+_LOOKS_SPECIAL_AFFIXES = (("<|", "|>"), ("<\uff5c", "\uff5c>"), ("<unused", ">"))
+
+
+def looks_special(token: str) -> bool:
+    return token in _LOOKS_SPECIAL_EXACT or any(token.startswith(a) and token.endswith(b)
+                                                for a, b in _LOOKS_SPECIAL_AFFIXES)
+
+
 @dataclass
 class TokenizerData:
     tokens: list[str]
@@ -102,8 +116,8 @@ class TokenizerData:
     merges: list[str]
     special_ids: dict[str, int]  # every added token -> id
     chat_template: str | None
-    eos: str | None
-    pad: str | None
+    template_variables: dict  # bos_token, eos_token, ... (edge.chat_template.template_variables)
+    skipped_in_text: list[int]  # the `special` added tokens: what HF's decode(skip_special_tokens=True) drops
 
 
 def read_tokenizer(root: Path, vocab_size: int) -> TokenizerData:
@@ -121,8 +135,12 @@ def read_tokenizer(root: Path, vocab_size: int) -> TokenizerData:
     tc_path = root / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
     added = {int(i): v["content"] for i, v in tc.get("added_tokens_decoder", {}).items()}
+    special = {int(i) for i, v in tc.get("added_tokens_decoder", {}).items() if v.get("special", True)}
     for t in tj.get("added_tokens", []):
-        added.setdefault(int(t["id"]), t["content"])
+        if int(t["id"]) not in added:
+            added[int(t["id"])] = t["content"]
+            if t.get("special", True):
+                special.add(int(t["id"]))
     by_id: dict[int, str] = {int(i): s for s, i in model["vocab"].items()}
     by_id.update(added)
     if max(by_id) >= vocab_size:
@@ -133,16 +151,18 @@ def read_tokenizer(root: Path, vocab_size: int) -> TokenizerData:
         if i not in by_id:
             tokens.append(f"[PAD{i}]")
             types.append(int(gguf.TokenType.UNUSED))
+        elif i not in added:
+            tokens.append(by_id[i])
+            types.append(int(gguf.TokenType.NORMAL))
         else:
             tokens.append(by_id[i])
-            types.append(int(gguf.TokenType.CONTROL if i in added else gguf.TokenType.NORMAL))
+            control = i in special or looks_special(by_id[i])
+            types.append(int(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-
-    def _tok(v):
-        return v.get("content") if isinstance(v, dict) else v
+    from edge.chat_template import template_variables
 
     return TokenizerData(tokens, types, merges, {s: i for i, s in added.items()}, tc.get("chat_template"),
-                         _tok(tc.get("eos_token")), _tok(tc.get("pad_token")))
+                         template_variables(tc), sorted(special))
 
 
 def _gguf_dtype(quant: str, gguf_name: str, ndim: int):
@@ -195,14 +215,8 @@ def write_base_gguf(ckpt: Checkpoint, path: Path, quant: str, *, progress: bool 
     w.add_token_list(tok.tokens)
     w.add_token_types(tok.token_types)
     w.add_token_merges(tok.merges)
-    if tok.eos in tok.special_ids:
-        w.add_eos_token_id(tok.special_ids[tok.eos])
-    if tok.pad in tok.special_ids:
-        w.add_pad_token_id(tok.special_ids[tok.pad])
-        w.add_bos_token_id(tok.special_ids[tok.pad])  # Qwen2 has no BOS; llama.cpp's converter does the same
-    w.add_add_bos_token(False)
-    if tok.chat_template:
-        w.add_chat_template(tok.chat_template)
+    # bos/eos/unk/pad ids, add_bos/add_eos and the chat template, exactly as llama.cpp's converter writes them.
+    gguf.SpecialVocab(ckpt.root, load_merges=False, n_vocab=dims.vocab_size).add_to_gguf(w, quiet=True)
 
     plan = []
     for src, dst in names.items():
@@ -260,5 +274,8 @@ def export(ckpt: Checkpoint, out_dir: Path, *, quant: str = "q4_k_m", progress: 
     return BundlePart(
         files={"model": BundleFile.describe(out_dir, keys.LLM_GGUF)},
         meta={"quant": quant, "dims": vars(dims),
-              "special_tokens": {s: tok.special_ids[s] for s in keys.RUNTIME_SPECIAL_TOKENS if s in tok.special_ids}},
+              "special_tokens": {s: tok.special_ids[s] for s in keys.RUNTIME_SPECIAL_TOKENS if s in tok.special_ids},
+              keys.LLM_META_CHAT_TEMPLATE: tok.chat_template,
+              keys.LLM_META_TEMPLATE_VARIABLES: tok.template_variables,
+              keys.LLM_META_SKIPPED_IN_TEXT: tok.skipped_in_text},
     )

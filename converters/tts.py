@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.checkpoint import Checkpoint
+from converters.int8 import REDUCE_RANGE
 from converters.progress import reporter
 from edge.bundle import BundleFile, BundlePart
 from edge.errors import CorruptModelFileError, ModelFilesNotFoundError
@@ -307,7 +308,8 @@ def _check(name: str, got: list[np.ndarray], ref: list, tol: float = 1e-4) -> fl
     return err
 
 
-def _keep_if_close(out: Path, name: str, feed: dict, ref: list[np.ndarray], progress: bool) -> tuple[Path | None, float]:
+def _keep_if_close(out: Path, name: str, feed: dict, ref: list[np.ndarray],
+                   progress: bool) -> tuple[Path | None, float]:
     """Keep a quantised graph only if its probe output stays within INT8_MIN_COSINE of fp32."""
     cos = min(_cos(g, r) for g, r in zip(_run(out, feed), ref))
     _say(progress, f"{name} int8: cosine vs fp32 on the probe = {cos:.5f}")
@@ -325,7 +327,7 @@ def _int8(fp32: Path, name: str, feed: dict, ref: list[np.ndarray], progress: bo
 
     out = fp32.with_name(fp32.name.replace(".fp32.", ".int8."))
     quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True)
+                     per_channel=True, reduce_range=REDUCE_RANGE)
     return _keep_if_close(out, name, feed, ref, progress)
 
 

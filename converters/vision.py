@@ -30,11 +30,17 @@ from pathlib import Path
 import numpy as np
 
 from converters.checkpoint import Checkpoint
+from converters.int8 import REDUCE_RANGE
 from converters.progress import reporter
 from edge import vision as rt
 from edge.bundle import BundleFile, BundlePart
 from edge.errors import InvalidInputError
-from edge.image_preprocess import MAX_SLICE_NUMS, SCALE_RESOLUTION, SliceOptions, preprocess_image
+from edge.image_preprocess import (
+    MAX_SLICE_NUMS,
+    SCALE_RESOLUTION,
+    SliceOptions,
+    preprocess_image,
+)
 
 VPM = "vpm."
 RES = "resampler."
@@ -263,7 +269,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     """Dynamic int8 (per-channel weights, activations quantised at run time) of the weight MatMuls."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=REDUCE_RANGE,
                      op_types_to_quantize=["MatMul"], nodes_to_quantize=weight_matmul_nodes(src))
 
 

@@ -3,13 +3,15 @@
 Layout of `bundle.json` (schema `edge.keys.BUNDLE_SCHEMA_VERSION`)::
 
     {
-      "schema_version": 1, "arch": "minicpmo-2.6",
+      "schema_version": 2, "arch": "minicpmo-2.6",
       "source": {"config_sha256": "...", "name": "openbmb/MiniCPM-o-2_6" | "synthetic-tiny" | ...,
                  "random_weights": false},
       "dims": {...},                       # model dims the runtime needs (LLM hidden, vocab, ...)
       "special_tokens": {"<|im_end|>": 593, ...},
       "parts": {
-        "llm":    {"files": {"model": {"path": "llm.gguf", "sha256": "...", "bytes": 123}}, "meta": {"quant": "f32"}},
+        "llm":    {"files": {"model": {"path": "llm.gguf", "sha256": "...", "bytes": 123}},
+                   "meta": {"quant": "f32", "chat_template": "{% for message in messages %}...",
+                            "template_variables": {"eos_token": "<|im_end|>", ...}, "skipped_in_text": [...]}},
         "vision": {"files": {"fp32": {...}, "int8": {...}}, "meta": {...}},
         ...
       }
@@ -89,6 +91,27 @@ class Bundle:
     @property
     def random_weights(self) -> bool:
         return bool(self.source.get("random_weights", False))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's own chat template (tokenizer_config.json), as the converter recorded it."""
+        return self._llm_meta().get(keys.LLM_META_CHAT_TEMPLATE)
+
+    @property
+    def template_variables(self) -> dict:
+        """`bos_token`, `eos_token`, ...: the special-token variables transformers hands the chat template."""
+        return dict(self._llm_meta().get(keys.LLM_META_TEMPLATE_VARIABLES, {}))
+
+    @property
+    def skipped_in_text(self) -> list[int] | None:
+        """Token ids a reply's text leaves out (the checkpoint's `special` added tokens, as HF's
+        decode(skip_special_tokens=True)); None for a bundle that does not say."""
+        ids = self._llm_meta().get(keys.LLM_META_SKIPPED_IN_TEXT)
+        return None if ids is None else list(ids)
+
+    def _llm_meta(self) -> dict:
+        part = self.parts.get(keys.PART_LLM)
+        return part.meta if part is not None else {}
 
     @classmethod
     def load(cls, root: str | Path) -> "Bundle":

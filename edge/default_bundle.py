@@ -24,7 +24,7 @@ def installed_bundles() -> list[Bundle]:
             if (d / keys.BUNDLE_MANIFEST).is_file():
                 try:
                     out.append(Bundle.load(d))
-                except Exception:  # a stale bundle of an older schema is skipped, not fatal
+                except Exception:  # noqa: BLE001 - a stale bundle of an older schema is skipped, not fatal
                     continue
     return out
 
@@ -40,8 +40,8 @@ def ensure_default_bundle(*, progress: bool = True) -> Bundle:
     if (dst / keys.BUNDLE_MANIFEST).is_file():
         try:
             return Bundle.load(dst)
-        except Exception:
-            shutil.rmtree(dst)  # built by an older version: rebuild
+        except Exception:  # noqa: BLE001 - built by an older version (or broken): rebuild it
+            shutil.rmtree(dst)
     try:
         from converters.convert import SYNTHETIC_MARKER, convert
         from models.synth import build_synthetic_checkpoint

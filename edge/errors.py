@@ -63,6 +63,26 @@ class OfflineError(EdgeError, ConnectionError):
     """A download was needed but the network (or the hub) cannot be reached."""
 
 
+class GGUFFormatError(CorruptModelFileError):
+    """A GGUF file whose header or size does not hold up (truncated, foreign, corrupt)."""
+
+
+class InsufficientMemoryError(EdgeError, MemoryError):
+    """A load whose memory estimate exceeds what the device has available; the advice names what to change."""
+
+    def __init__(self, need: int, have: int, advice: str):
+        self.need, self.have = need, have
+        super().__init__(f"the bundle needs about {need / 2**30:.1f} GiB but {have / 2**30:.1f} GiB is available. "
+                         f"{advice}")
+
+
+class DeviceError(EdgeError, RuntimeError):
+    """A microphone, speaker or camera cannot be opened or stopped working; the message names the device fix."""
+
+class ChatTemplateError(EdgeError, ValueError):
+    """The bundle's chat template is missing, does not compile, or refuses the messages."""
+
+
 class InputLimitError(InvalidInputError):
     """An input is over a cost limit (duration, pixels, patches, count, bytes): refused before it is decoded."""
 

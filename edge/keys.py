@@ -10,7 +10,9 @@ from __future__ import annotations
 # --- bundle layout ---------------------------------------------------------------------------------------------
 BUNDLE_MANIFEST = "bundle.json"
 # Bump when the manifest layout or a part's file contract changes; the runtime refuses other versions.
-BUNDLE_SCHEMA_VERSION = 1
+# 2: the llm part's meta carries the checkpoint's chat template and its special-token variables (LLM_META_*),
+#    and the GGUF types added tokens as llama.cpp's convert_hf_to_gguf.py does.
+BUNDLE_SCHEMA_VERSION = 2
 BUNDLE_ARCH = "minicpmo-2.6"
 
 # Part names in `bundle.json["parts"]`. Each part has `files` (role -> {path, sha256, bytes}) and `meta`.
@@ -18,9 +20,12 @@ PART_LLM = "llm"
 PART_VISION = "vision"
 PART_AUDIO = "audio"
 PART_TTS = "tts"
-PART_TOKENIZERS = "tokenizers"
 
 LLM_GGUF = "llm.gguf"
+# `parts.llm.meta` keys of what the prompt and the decoder need from the checkpoint's tokenizer files.
+LLM_META_CHAT_TEMPLATE = "chat_template"  # tokenizer_config.json `chat_template` (Jinja text), or null
+LLM_META_TEMPLATE_VARIABLES = "template_variables"  # bos_token, eos_token, ... as transformers passes them
+LLM_META_SKIPPED_IN_TEXT = "skipped_in_text"  # ids that HF decode(skip_special_tokens=True) drops
 
 # --- MiniCPM-o 2.6 special tokens (spec §3.1) --------------------------------------------------------------------
 IM_START = "<|im_start|>"

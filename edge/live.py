@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edge.constants import RANDOM_WEIGHTS_NOTICE, TTS_SAMPLE_RATE
 from edge.default_bundle import resolve_bundle
+from edge.errors import DeviceError
 from edge.governor import GovernorOptions, RealtimeGovernor
 from edge.io.camera import Camera, CameraOptions
 from edge.io.microphone import FileMicrophone, MicOptions, MicrophoneSource, make_vad
@@ -21,6 +22,7 @@ from edge.omni import Omni
 from edge.orchestrator import LiveOptions, Orchestrator, PacedSink
 from edge.profiles import start_profile
 from edge.streaming import StreamingSession
+
 
 @dataclass
 class LiveArgs:
@@ -170,7 +172,7 @@ def _make_sink(a: LiveArgs, omni):
     dev = int(a.speaker) if a.speaker and a.speaker.isdigit() else a.speaker
     try:
         return SpeakerSink(SpeakerOptions(device=dev))
-    except RuntimeError as e:
+    except DeviceError as e:
         print(f"{e}\nreplies are written to live-reply.wav instead")
         return PacedSink(WavSink(Path("live-reply.wav")), TTS_SAMPLE_RATE)
 

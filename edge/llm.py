@@ -11,18 +11,19 @@ from __future__ import annotations
 import codecs
 import ctypes
 import hashlib
+import mmap
 import threading
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import numpy as np
 
-from edge.errors import (ContextLengthExceededError, CorruptModelFileError, InvalidInputError,
-                         ModelFilesNotFoundError)
+from edge.errors import ContextLengthExceededError, CorruptModelFileError, InvalidInputError, ModelFilesNotFoundError
 from edge.options import LLMOptions
 from edge.sampling import Sampler, SamplingOptions
+from edge.token_rows import GGUFFormatError, TokenRows, read_header
 
 __all__ = ["LLM", "LLMOptions", "TokenEvent", "check_gguf_file"]
 
@@ -67,13 +68,10 @@ def check_gguf_file(path: Path) -> None:
         raise CorruptModelFileError(f"{path} is not a GGUF file (bad magic or {size} bytes). Convert it again.",
                                     str(path))
     try:
-        import gguf
-
-        r = gguf.GGUFReader(str(path))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
-    except Exception as e:  # the reader raises assorted errors on truncated metadata
-        raise CorruptModelFileError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}). Convert it again.",
-                                    str(path)) from e
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            end = read_header(buf, path).data_end()
+    except (GGUFFormatError, ValueError, OverflowError) as e:  # truncated metadata, nonsense counts or types
+        raise CorruptModelFileError(f"{path} is truncated or corrupt ({e}). Convert it again.", str(path)) from e
     if end > size:
         raise CorruptModelFileError(
             f"{path} is truncated: its tensors need {end} bytes, the file has {size}. Download or convert it again.",
@@ -83,13 +81,19 @@ def check_gguf_file(path: Path) -> None:
 class LLM:
     """A loaded GGUF model + one context with one KV sequence. Not thread-safe: one generation at a time."""
 
-    def __init__(self, path: str | Path, options: LLMOptions | None = None):
+    def __init__(self, path: str | Path, options: LLMOptions | None = None, *,
+                 skipped_in_text: Sequence[int] | None = None):
+        """`skipped_in_text`: the ids a reply's text leaves out (bundle meta: the checkpoint's `special` tokens).
+        Every other token keeps its text, as in HF's decode(skip_special_tokens=True): llama.cpp types
+        `<|fim_prefix|>`, `<|file_sep|>` CONTROL (they look special) and retypes `</s>` CONTROL at load, yet the
+        checkpoint does not mark them special. None: llama.cpp's own rule (no CONTROL token text)."""
         import logging
 
         import llama_cpp
 
         # llama-cpp-python routes llama.cpp's log through this logger; below ERROR it is load-time noise.
-        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if (options and options.verbose) else logging.ERROR)
+        verbose = bool(options and options.verbose)
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
         self._lib = llama_cpp
         self.path = Path(path)
         self._token_rows = None  # edge.token_rows.TokenRows, opened at the first mixed prompt
@@ -121,6 +125,7 @@ class LLM:
         self.n_threads, self.n_threads_batch = int(cp.n_threads), int(cp.n_threads_batch)
         self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.skipped_in_text = None if skipped_in_text is None else frozenset(int(t) for t in skipped_in_text)
         self._history: list[object] = []  # one key per cached position (token id or embedding-row key)
         self._context_ids: list[int] = []  # token ids in the cache (for the repetition penalty)
         self._embeddings_on = False
@@ -150,8 +155,17 @@ class LLM:
             n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
+    def text_bytes(self, token: int) -> bytes:
+        """What a reply's text holds for `token`, as HF's decode(skip_special_tokens=True): special tokens give
+        nothing, every other token its text."""
+        if self.skipped_in_text is None:
+            return self.token_bytes(token, special=False)
+        return b"" if token in self.skipped_in_text else self.token_bytes(token, special=True)
+
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", errors="replace")
+        """special=False: reply text (`text_bytes`); special=True: every token's text."""
+        pieces = (self.token_bytes(t, special=True) if special else self.text_bytes(t) for t in tokens)
+        return b"".join(pieces).decode("utf-8", errors="replace")
 
     def token_id(self, piece: str) -> int:
         """Id of a single special token such as `<|im_end|>`; error if it is not exactly one token."""
@@ -239,8 +253,6 @@ class LLM:
         """Segments -> the (n, n_embd) rows the model reads: embedding blocks as given, token ids as their rows of
         the GGUF's token table (`edge.token_rows`, opened at first use)."""
         if self._token_rows is None:
-            from edge.token_rows import TokenRows
-
             self._token_rows = TokenRows(self.path)
         return np.concatenate([np.asarray(s, np.float32) if isinstance(s, np.ndarray) and s.ndim == 2
                                else self._token_rows.rows(s) for s in segments])
@@ -363,7 +375,7 @@ class LLM:
                 return
             logits, hidden = self._step(tok, want_hidden=want_hidden)
             last = step == max_new_tokens - 1 or self.n_past >= self.n_ctx
-            yield TokenEvent(tok, decoder.decode(self.token_bytes(tok), final=last), hidden)
+            yield TokenEvent(tok, decoder.decode(self.text_bytes(tok), final=last), hidden)
 
     def _step(self, tok: int, *, want_hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """One decode step through a batch allocated once (per-token allocation shows up on small models)."""
@@ -416,5 +428,5 @@ class LLM:
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort cleanup
             pass

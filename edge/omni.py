@@ -17,15 +17,16 @@ import numpy as np
 
 from edge.audio_features import log_mel_pieces
 from edge.bundle import Bundle
-from edge.content import slice_options, wave_16k
 from edge.constants import AUDIO_SAMPLE_RATE
+from edge.content import slice_options, wave_16k
 from edge.errors import InvalidInputError
 from edge.events import AudioChunk, Finished, TextDelta
 from edge.image_preprocess import preprocess_image
 from edge.io.images import load_image
 from edge.io.speaker import write_wav
 from edge.options import OmniOptions
-from edge.profiles import Hardware, check_memory as check, profile_for_run
+from edge.profiles import Hardware, profile_for_run
+from edge.profiles import check_memory as check
 from edge.prompt import Prompt
 from edge.runtime import Runtime
 from edge.sampling import official_sampling

@@ -7,32 +7,17 @@ issue-level tuning (arena, memory pattern, providers) should change in one spot.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from edge.errors import CorruptModelFileError
+from edge.options import OrtOptions
+
+__all__ = ["OrtOptions", "make_session"]
 
 log = logging.getLogger("edge.onnx")
 
 # Provider preference, best first; CPU is always the fallback (onnxruntime documents these names).
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider")
-
-
-@dataclass(frozen=True)
-class OrtOptions:
-    """Attributes:
-    intra_op_threads: threads inside one operator (0 = onnxruntime's default, all cores).
-    providers: execution providers to try in order; None = `PREFERRED_PROVIDERS` filtered by availability.
-    enable_cpu_mem_arena: onnxruntime's CPU arena trades resident memory for fewer allocations.
-    allow_spinning: idle intra-op threads busy-wait after a run (onnxruntime's default). Turn it off for loops
-        that interleave many small runs with numpy work (TTS steps): on 2 cores the spinning threads starve numpy
-        (measured 3.5-4.7x slower TTS streaming with spinning on).
-    """
-
-    intra_op_threads: int = 0
-    providers: tuple[str, ...] | None = None
-    enable_cpu_mem_arena: bool = True
-    allow_spinning: bool = True
 
 
 def make_session(path: str | Path, options: OrtOptions | None = None):

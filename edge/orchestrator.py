@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -204,14 +203,14 @@ class _Reply:
     def _speech(self) -> SpeechOptions | None:
         if not self.speak:
             return None
-        return SpeechOptions(mode="overlap" if self.o.options.overlap else "after", lend_cores=True)
+        return SpeechOptions(mode="overlap" if self.o.options.overlap else "after")
 
     def _run(self) -> None:
         o, t = self.o, self.trace
         text: list[str] = []
         start = o.now()
         events = o.session.reply(o.sampling, max_new_tokens=o.options.max_new_tokens, speech=self._speech(),
-                                 cancel=self.stop)
+                                 lend_cores=True, cancel=self.stop)
         try:
             for ev in events:
                 if isinstance(ev, PromptReady):

@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import get_type_hints
 
 from edge import keys
-from edge.errors import EdgeError
+from edge.errors import InsufficientMemoryError
 from edge.onnx_session import OrtOptions
 from edge.options import LLMOptions, OmniOptions, ThreadSplit
 
@@ -57,7 +57,7 @@ class Hardware:
             import onnxruntime as ort
 
             cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken onnxruntime build: no CUDA, detection goes on
             pass
         return cls(platform.system(), platform.machine().lower(), os.cpu_count() or 1, total, avail, board, cuda)
 
@@ -184,8 +184,8 @@ class Profile:
         for part, name in ((keys.PART_VISION, "vision_variant"), (keys.PART_AUDIO, "audio_variant"),
                            (keys.PART_TTS, "tts_variant")):
             want = getattr(self, name)
-            if bundle.has_part(part) and want != "fp32" and \
-                    not any(_role_variant(r) == want for r in bundle.part(part).files):
+            if (bundle.has_part(part) and want != "fp32"
+                    and not any(_role_variant(r) == want for r in bundle.part(part).files)):
                 log.info("bundle %s has no %s %s graphs: using fp32", bundle.root, part, want)
                 changes[name] = "fp32"
         return replace(self, **changes) if changes else self
@@ -398,13 +398,6 @@ ORT_OVERHEAD = 1.3  # onnxruntime keeps initializers plus arena/working buffers 
 SMALL_N_CTX = 2048  # the context suggested when memory is short (the pi5 profile's)
 # Python + numpy + onnxruntime + llama.cpp: 58 MiB measured after loading the tiny bundle, plus allocator slack
 PROCESS_BASE_BYTES = 150 * 2**20
-
-
-class InsufficientMemoryError(EdgeError, MemoryError):
-    def __init__(self, need: int, have: int, advice: str):
-        self.need, self.have = need, have
-        super().__init__(f"the bundle needs about {need / GIB:.1f} GiB but {have / GIB:.1f} GiB is available. "
-                         f"{advice}")
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,36 @@
 """Chat messages -> the exact token sequence the official `chat()` feeds the LLM, with media slots.
 
-The official code renders a prompt string (chat template + `(<image>./</image>)` / `(<audio>./</audio>)` marks),
+The official code renders a prompt string with the checkpoint's own chat template (or, for spoken replies, the
+TTS template of its modeling code), with `(<image>./</image>)` / `(<audio>./</audio>)` marks in the message text,
 expands the marks into placeholder text and tokenizes the whole string, special tokens included. We do the same
-but keep track of who wrote each piece: template and placeholder text may contain special tokens, user text never
-does (a user typing `<|im_end|>` gets those characters). Adjacent plain text is merged before tokenizing, so the
-ids equal the official ones whenever the user text holds no special-token strings.
+but keep track of who wrote each piece: the template is rendered with an opaque slot string in place of each user
+text and each media mark, and the rendered text is cut at the slots. Template, mark and placeholder text may hold
+special tokens; user text never does (a user typing `<|im_end|>` gets those characters). Adjacent plain text is
+merged before tokenizing, so the ids equal the official ones whenever the user text holds no special-token strings.
+Tools (`tools=`) and assistant `tool_calls` are application data: the template renders them as trusted text.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Protocol
 
 from edge import keys
+from edge.chat_template import ChatTemplate
+from edge.errors import ChatTemplateError
 
 IMAGE_MARK = "(<image>./</image>)"  # what chat() puts in the prompt for an image (spec §2.2)
 AUDIO_MARK = "(<audio>./</audio>)"  # ... and for an audio (spec §2.3)
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # the ChatML template's default (tokenizer_config.json)
 TTS_GENERATION_SUFFIX = (keys.SPK_BOS, keys.SPK, keys.SPK_EOS, keys.TTS_BOS)  # spec §3.2
+# `MiniCPMO.default_tts_chat_template` (official modeling_minicpmo.py, 2.6): chat() uses it instead of the
+# checkpoint's template when the messages hold audio or use_tts_template=True; no default system message.
+TTS_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n" + "".join(TTS_GENERATION_SUFFIX)
+    + "' }}{% endif %}")
 
 
 class TrustedText(str):
@@ -41,8 +53,12 @@ class Media:
 
 @dataclass(frozen=True)
 class Message:
+    """One chat message. `tool_calls` (assistant) are dicts as in transformers' tool-use format:
+    {"type": "function", "function": {"name": ..., "arguments": {...}}}; role "tool" carries a tool's result."""
+
     role: str
     content: tuple  # of str | Media
+    tool_calls: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -76,45 +92,87 @@ class Piece:
     media: Media | None = None
 
 
-def render(messages: Sequence[Message], *, tts_template: bool, add_generation_prompt: bool = True,
-           omni_input: bool = False) -> list[Piece]:
-    """Apply the chat template. Pieces keep the boundary between trusted template text and user text."""
+def render(template: ChatTemplate, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+           omni_input: bool = False, tools: Sequence[Mapping[str, Any]] | None = None) -> list[Piece]:
+    """Apply `template` as chat() does (message parts joined with "\\n", or "" for omni input). Pieces keep the
+    boundary between trusted template text and user text."""
     joiner = "" if omni_input else "\n"
-    pieces: list[Piece] = []
-    if not tts_template and messages and messages[0].role != "system":
-        pieces.append(Piece(f"{keys.IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{keys.IM_END}\n", True))
+    nonce = secrets.token_hex(8)  # a user cannot type a slot string they cannot predict
+    slots: list[Piece] = []
+
+    def slot(piece: Piece) -> str:
+        slots.append(piece)
+        return f"\ue000{nonce}:{len(slots) - 1}\ue001"
+
+    chat = []
     for m in messages:
-        pieces.append(Piece(f"{keys.IM_START}{m.role}\n", True))
-        for i, part in enumerate(m.content):
-            if i:
-                pieces.append(Piece(joiner, True))
+        parts = []
+        for part in m.content:
             if isinstance(part, Media):
-                mark = IMAGE_MARK if part.kind == "image" else AUDIO_MARK
-                pieces.append(Piece(mark, True, part))
+                parts.append(slot(Piece(IMAGE_MARK if part.kind == "image" else AUDIO_MARK, True, part)))
+            elif isinstance(part, TrustedText) or not part:
+                parts.append(str(part))
             else:
-                pieces.append(Piece(str(part), isinstance(part, TrustedText)))
-        pieces.append(Piece(f"{keys.IM_END}\n", True))
-    if add_generation_prompt:
-        suffix = "".join(TTS_GENERATION_SUFFIX) if tts_template else ""
-        pieces.append(Piece(f"{keys.IM_START}assistant\n{suffix}", True))
+                parts.append(slot(Piece(str(part), False)))
+        d: dict[str, Any] = {"role": m.role, "content": joiner.join(parts)}
+        if m.tool_calls:
+            d["tool_calls"] = [dict(tc) for tc in m.tool_calls]
+        chat.append(d)
+    text = template.render(chat, tools=tools, add_generation_prompt=add_generation_prompt)
+    pieces: list[Piece] = []
+    used = [0] * len(slots)
+    for i, chunk in enumerate(re.split(f"\ue000{nonce}:(\\d+)\ue001", text)):
+        if i % 2:
+            used[int(chunk)] += 1
+            pieces.append(slots[int(chunk)])
+        elif chunk:
+            pieces.append(Piece(chunk, True))
+    lost = [s.media.kind for s, n in zip(slots, used) if s.media is not None and n != 1]
+    if lost:
+        raise ChatTemplateError(f"the chat template rendered {len(lost)} media item(s) ({', '.join(lost)}) not "
+                                "exactly once; a template must insert each message's content as it is.")
     return pieces
 
 
 class PromptBuilder:
-    """Turns rendered pieces into ids + media spans with a tokenizer and the bundle's special-token table."""
+    """Turns messages (through the chat template) or rendered pieces into ids + media spans, with a tokenizer and
+    the bundle's special-token table.
 
-    def __init__(self, tokenizer: Tokenizer, special_tokens: dict[str, int]):
+    `chat_template`: the checkpoint's own template (`Bundle.chat_template`); without one, `build()` is refused
+    unless `tts_template=True` (the official TTS template needs none) and only `build_pieces` works.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, special_tokens: dict[str, int],
+                 chat_template: ChatTemplate | str | None = None, template_variables: Mapping[str, Any] | None = None):
         self.tok = tokenizer
         self.special = dict(special_tokens)
         names = sorted(self.special, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
         self.unk = self.special[keys.UNK]
+        variables = dict(template_variables or {})
+        if isinstance(chat_template, str):
+            chat_template = ChatTemplate(chat_template, variables)
+        self.template = chat_template
+        self.tts_template = ChatTemplate(TTS_CHAT_TEMPLATE, variables)
+
+    def render(self, messages: Sequence[Message], *, tts_template: bool, add_generation_prompt: bool = True,
+               omni_input: bool = False, tools: Sequence[Mapping[str, Any]] | None = None) -> list[Piece]:
+        if tts_template:
+            template = self.tts_template
+        elif self.template is None:
+            raise ChatTemplateError("this bundle carries no chat template (converted by an older converter, or the "
+                                    "checkpoint's tokenizer_config.json has none): convert the checkpoint again.")
+        else:
+            template = self.template
+        return render(template, messages, add_generation_prompt=add_generation_prompt, omni_input=omni_input,
+                      tools=tools)
 
     def build(self, messages: Sequence[Message], *, tts_template: bool, add_generation_prompt: bool = True,
-              omni_input: bool = False) -> Prompt:
-        pieces = render(messages, tts_template=tts_template, add_generation_prompt=add_generation_prompt,
-                        omni_input=omni_input)
-        return self.build_pieces(pieces)
+              omni_input: bool = False, tools: Sequence[Mapping[str, Any]] | None = None) -> Prompt:
+        """`tools`: JSON-schema dicts ({"type": "function", "function": {...}}), rendered by the template."""
+        return self.build_pieces(self.render(messages, tts_template=tts_template,
+                                             add_generation_prompt=add_generation_prompt, omni_input=omni_input,
+                                             tools=tools))
 
     def build_pieces(self, pieces: Sequence[Piece]) -> Prompt:
         prompt = Prompt(text="".join(p.text for p in pieces))

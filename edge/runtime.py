@@ -60,9 +60,10 @@ class Runtime:
     def __init__(self, bundle: Bundle, options: OmniOptions | None = None):
         self.bundle = bundle
         self.options = options or OmniOptions()
-        self.llm = LLM(bundle.file(keys.PART_LLM, "model"), self.options.llm)
+        self.llm = LLM(bundle.file(keys.PART_LLM, "model"), self.options.llm,
+                       skipped_in_text=bundle.skipped_in_text)
         self.special = dict(bundle.special_tokens)
-        self.prompts = PromptBuilder(self.llm, self.special)
+        self.prompts = PromptBuilder(self.llm, self.special, bundle.chat_template, bundle.template_variables)
         self.llm_lock = FairLock()
         self.encoder_lock = threading.Lock()
         self.tts_lock = threading.Lock()

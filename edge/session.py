@@ -12,7 +12,6 @@ used the runtime's single llama.cpp sequence in between (`Runtime.kv_owner`).
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import queue
 import re
@@ -50,15 +49,12 @@ class SpeechOptions:
         a stream (for comparison); "whole": one waveform synthesized after the text (official non-streamed chat()).
     seed: seed of the speech-code sampler (None = the TTS's own options).
     piece_tokens: LLM tokens per text piece handed to the TTS (official 3).
-    lend_cores: with "overlap", decode on the prefill thread count until the TTS starts computing (it waits for
-        its first 10 text tokens; the cores it leaves idle until then speed up decoding).
     text: speak this text instead of generating one (the speech endpoint).
     """
 
     mode: str = "interleaved"
     seed: int | None = None
     piece_tokens: int = LLM_PIECE_TOKENS
-    lend_cores: bool = False
     text: str | None = None
 
     def __post_init__(self):
@@ -77,6 +73,9 @@ class ReplyOptions:
     speech: speak the reply (None = text only). The speaker is the hidden state at the last `<|spk|>` written.
     keep_terminator: leave the sampled terminator in the KV sequence (False = the official streaming loop, whose
         last token is never fed back: the next turn's `<|im_end|>` prefix follows the reply text).
+    lend_cores: decode on the prefill thread count (`LLM.n_threads_batch`) while no TTS computes beside it: the
+        whole of a text-only reply, and with "overlap" speech until the TTS's first step (it waits for 10 text
+        tokens; live mode splits the cores between decode and TTS, and those idle cores speed up decoding).
     """
 
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
@@ -86,6 +85,7 @@ class ReplyOptions:
     stop: tuple[str, ...] = ()
     speech: SpeechOptions | None = None
     keep_terminator: bool = True
+    lend_cores: bool = False
 
 
 @dataclass
@@ -427,14 +427,17 @@ class Session:
                 yield from self._speak(_WORD.findall(sp.text) if sp.mode != "whole" else [], sp.text, sp, spk,
                                        cancel, marks, t0)
             else:
-                toks = self._tokens(o, cancel, record, text, marks, t0)
+                computing = threading.Event() if sp is not None and sp.mode == "overlap" else None
+                if sp is not None and sp.mode == "interleaved":
+                    o = dataclasses.replace(o, lend_cores=False)  # the TTS runs between tokens on the same cores
+                toks = self._tokens(o, cancel, record, text, marks, t0, computing)
                 if sp is None:
                     for t in toks:
                         yield TextDelta(t.text, t.token)
                 elif sp.mode == "interleaved":
                     yield from self._interleaved(toks, sp, spk, cancel, marks, t0)
                 elif sp.mode == "overlap":
-                    yield from self._overlapped(toks, sp, spk, cancel, marks, t0)
+                    yield from self._overlapped(toks, sp, spk, cancel, marks, t0, computing)
                 else:  # "after" / "whole": the text first, then the speech without the LLM
                     pieces, shown = [], deque()
                     for group in self._group(toks, sp, shown):
@@ -459,9 +462,15 @@ class Session:
                        Usage(prompt_tokens, len(record.tokens), self.image_tokens,
                              self.audio_tokens), timing)
 
-    def _tokens(self, o: ReplyOptions, cancel, record: ReplyRecord, text: list[str], marks, t0) -> Iterator[_Tok]:
-        """Decode the reply (LLM lock held by the caller); the sequence and the log follow it however it ends."""
+    def _tokens(self, o: ReplyOptions, cancel, record: ReplyRecord, text: list[str], marks, t0,
+                computing: threading.Event | None = None) -> Iterator[_Tok]:
+        """Decode the reply (LLM lock held by the caller); the sequence and the log follow it however it ends.
+        With `o.lend_cores`, decode on every prefill thread until `computing` (the overlapped TTS started)."""
         llm = self.rt.llm
+        share, lent = llm.n_threads, llm.n_threads_batch
+        boosted = o.lend_cores and lent > share and not (computing is not None and computing.is_set())
+        if boosted:
+            llm.set_threads(lent)
         stop_ids = list(o.stop_ids) if o.stop_ids is not None else self.rt.stop_ids()
         stops = set(stop_ids)
         tts_eos = self.rt.special.get(keys.TTS_EOS)
@@ -474,6 +483,9 @@ class Session:
                               stop_ids=stop_ids, should_stop=cancel.is_set)
         try:
             for ev in events:
+                if boosted and computing is not None and computing.is_set():
+                    llm.set_threads(share)
+                    boosted = False
                 if ev.token in stops:
                     record.completed = True
                     break
@@ -495,6 +507,8 @@ class Session:
                     yield _Tok(rest, rest if spoken else None)
         finally:
             events.close()
+            if boosted:
+                llm.set_threads(share)
             marks["decode_end"] = time.perf_counter() - t0
             if record.completed and not o.keep_terminator:
                 llm.truncate(start + len(record.tokens))
@@ -565,12 +579,12 @@ class Session:
             finally:
                 chunks.close()
 
-    def _overlapped(self, toks, sp: SpeechOptions, spk, cancel, marks, t0) -> Iterator[Event]:
+    def _overlapped(self, toks, sp: SpeechOptions, spk, cancel, marks, t0,
+                    computing: threading.Event) -> Iterator[Event]:
         """Decode here, speak on a thread of its own; audio is handed over between tokens."""
-        tts, llm = self.tts, self.rt.llm
+        tts = self.tts
         pieces_q: queue.Queue = queue.Queue(PIECE_QUEUE)
         audio_q: queue.Queue = queue.Queue()
-        computing = threading.Event()
         stop = threading.Event()  # cancel, or the consumer left
 
         def speak() -> None:
@@ -593,10 +607,6 @@ class Session:
 
         worker = threading.Thread(target=speak, name="edge-tts", daemon=True)
         worker.start()
-        share, lent = llm.n_threads, llm.n_threads_batch
-        boosted = sp.lend_cores and lent > share
-        if boosted:
-            llm.set_threads(lent)
         shown: deque = deque()
         done = False
 
@@ -618,9 +628,6 @@ class Session:
 
         try:
             for piece in self._group(toks, sp, shown):
-                if boosted and computing.is_set():
-                    llm.set_threads(share)
-                    boosted = False
                 while shown:
                     yield shown.popleft()
                 if not _put(pieces_q, piece, cancel):
@@ -632,8 +639,7 @@ class Session:
             yield from audio_ready(True)
         finally:
             stop.set()
-            if boosted:
-                llm.set_threads(share)
+            toks.close()
             worker.join(JOIN_SECONDS)
             if worker.is_alive():
                 raise RuntimeError(f"the speech thread did not stop within {JOIN_SECONDS} s")

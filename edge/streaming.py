@@ -36,12 +36,20 @@ from edge.content import audio_media, image_media, slice_options
 from edge.errors import InvalidInputError
 from edge.events import AudioChunk, Event, Finished, PromptReady, TextDelta
 from edge.io.video import VIDEO_SLICE_OPTIONS
-from edge.prompt import AUDIO_MARK, IMAGE_MARK, Piece, Prompt
+from edge.prompt import AUDIO_MARK, IMAGE_MARK, Piece, Prompt, TrustedText
 from edge.runtime import Runtime
 from edge.sampling import SamplingOptions, official_sampling
 from edge.session import ReplyOptions, Session, SpeechOptions
-from edge.streaming_rules import (DEFAULT_MAX_NEW_TOKENS, STREAM_MAX_SLICE_NUMS, STREAM_TERMINATORS,
-                                  UNIT_MARKER, RuleState, finish_generate, plan_generate, plan_prefill)
+from edge.streaming_rules import (
+    DEFAULT_MAX_NEW_TOKENS,
+    STREAM_MAX_SLICE_NUMS,
+    STREAM_TERMINATORS,
+    UNIT_MARKER,
+    RuleState,
+    finish_generate,
+    plan_generate,
+    plan_prefill,
+)
 
 WARMUP_FRAME_SIZE = (640, 480)  # a common camera frame; at one slice per frame every size costs the same
 WARMUP_GREY = (128, 128, 128)
@@ -187,7 +195,7 @@ class StreamingSession:
 
     def _piece(self, item, max_slice_nums: int) -> Piece:
         if isinstance(item, str):
-            return Piece(item, item == UNIT_MARKER)
+            return Piece(item, item == UNIT_MARKER or isinstance(item, TrustedText))  # get_sys_prompt's voice
         if isinstance(item, np.ndarray) and item.ndim == 1:
             wave = np.asarray(item, dtype=np.float32)
             if wave.size == 0:
@@ -203,7 +211,7 @@ class StreamingSession:
         return self.rt.prompts.build_pieces([Piece(plan_generate(self.rules)[1], True)])
 
     def reply(self, sampling: SamplingOptions, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-              min_new_tokens: int = 0, speech: SpeechOptions | None = None,
+              min_new_tokens: int = 0, speech: SpeechOptions | None = None, lend_cores: bool = False,
               cancel: threading.Event | None = None) -> Iterator[Event]:
         """Append the generation prompt and run the turn: the session's events. The official flags follow the
         reply however it ends (terminator, limit, cancel, or the consumer closing the iterator)."""
@@ -211,7 +219,8 @@ class StreamingSession:
         prompt = self.generation_prompt()
         self.audio_stream.reset()  # generation resets the Whisper cache (official)
         options = ReplyOptions(sampling=sampling, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                               stop_ids=tuple(self.terminator_ids), speech=speech, keep_terminator=False)
+                               stop_ids=tuple(self.terminator_ids), speech=speech, keep_terminator=False,
+                               lend_cores=lend_cores)
         events = self.session.reply(options, prompt=prompt, cancel=cancel,
                                     context_hint="start a new session (new session_id)")
         started = False

@@ -85,8 +85,8 @@ def plan_generate(state: RuleState) -> tuple[RuleState, str]:
     """Official `streaming_generate` bookkeeping: the generation prompt to append."""
     if state.session_id is None:
         raise InvalidInputError("streaming_generate needs a session: call streaming_prefill(session_id, msgs) first.")
-    return dataclasses.replace(state, new_user_msg=True, llm_generated=True, llm_generate_completed=False), \
-        GENERATION_PROMPT
+    return (dataclasses.replace(state, new_user_msg=True, llm_generated=True, llm_generate_completed=False),
+            GENERATION_PROMPT)
 
 
 def finish_generate(state: RuleState, completed: bool) -> RuleState:

@@ -1,22 +1,32 @@
 """Rows of a GGUF's token-embedding table (`token_embd.weight`), dequantized as llama.cpp's get_rows does.
 
-Why: a live unit is `<|audio_start|>` + 25 audio rows + `<|audio_end|>` (a camera unit adds `<unit><image>` ... `</image>`).
+Why: a live unit is `<|audio_start|>` + 25 audio rows + `<|audio_end|>` (a camera unit adds `<unit><image>` ...
+`</image>`).
 llama.cpp takes a batch of token ids or a batch of embeddings, never both, so such a unit costs one llama_decode
 per run, and on a CPU every call reads all weights once: a 1-token call costs about a decode step (0.27 s for the
 7B Q4_K_M on 2 cores). Feeding the few text tokens as their embedding rows puts the unit in one call.
 
 The header is read here (a few KB) rather than with `gguf.GGUFReader`, which also materialises the 151k-entry
-vocabulary arrays (5 s for the 7B file); only the row dequantizer of gguf-py is used. Layout: the GGUF spec
-(ggml docs/gguf.md): magic, version, tensor count, key/value count, key/values, tensor infos, aligned data.
+vocabulary arrays (5 s for the 7B file) and is a converter dependency, not a runtime one. Rows are dequantized by
+llama.cpp's own ggml (`ggml_get_type_traits(type)->to_float`, the function its get_rows uses), from the library
+that llama-cpp-python ships. Layout: the GGUF spec (ggml docs/gguf.md): magic, version, tensor count, key/value
+count, key/values, tensor infos, aligned data.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edge.errors import GGUFFormatError
+
+__all__ = ["GGMLType", "GGUFFormatError", "GGUFHeader", "TokenRows", "read_header"]
 
 GGUF_MAGIC = b"GGUF"
 TOKEN_TABLE = "token_embd.weight"
@@ -27,8 +37,105 @@ _FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12
 _STRING, _ARRAY = 8, 9
 
 
-class GGUFFormatError(ValueError):
-    pass
+class _TypeTraits(ctypes.Structure):
+    """`struct ggml_type_traits` (ggml.h of the llama.cpp that llama-cpp-python 0.3.36 vendors); `_ggml()` checks
+    the layout against ggml's exported `ggml_type_size` / `ggml_blck_size` before trusting it."""
+
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+GGML_TYPE_F32 = 0  # enum ggml_type
+
+
+@functools.lru_cache(maxsize=1)
+def _ggml():
+    import llama_cpp
+    from llama_cpp import _ctypes_extensions
+
+    lib = _ctypes_extensions.load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.ggml_type_size.restype, lib.ggml_type_size.argtypes = ctypes.c_size_t, [ctypes.c_int]
+    lib.ggml_blck_size.restype, lib.ggml_blck_size.argtypes = ctypes.c_int64, [ctypes.c_int]
+    return lib
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """A ggml tensor type as llama.cpp defines it: block size, bytes per block, and its dequantizer."""
+
+    id: int
+    name: str
+    block: int
+    type_size: int
+    to_float: object  # a ctypes function (src, dst, n) or None for f32
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)
+    def of(cls, type_id: int) -> "GGMLType":
+        lib = _ggml()
+        t = lib.ggml_get_type_traits(int(type_id)).contents
+        if t.blck_size != lib.ggml_blck_size(type_id) or t.type_size != lib.ggml_type_size(type_id) or t.blck_size < 1:
+            raise RuntimeError("this llama-cpp-python's ggml_type_traits layout is not the one edge.token_rows "
+                               "knows; install the version pinned in pyproject.toml")
+        return cls(int(type_id), (t.type_name or b"?").decode(), int(t.blck_size), int(t.type_size),
+                   _TO_FLOAT(t.to_float) if t.to_float else None)
+
+    def nbytes(self, n_elements: int) -> int:
+        return n_elements // self.block * self.type_size
+
+    def dequantize(self, data: np.ndarray, n_elements: int) -> np.ndarray:
+        data = np.ascontiguousarray(data)
+        if self.id == GGML_TYPE_F32:
+            return data.view(np.float32).reshape(-1)[:n_elements].copy()
+        out = np.empty(n_elements, np.float32)
+        self.to_float(data.ctypes.data, out.ctypes.data, n_elements)
+        return out
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]
+    type_id: int
+    offset: int  # from the start of the data section
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    tensors: dict[str, TensorInfo]
+    data_start: int
+
+    def data_end(self) -> int:
+        """Where the last tensor's data ends (a file shorter than this is truncated)."""
+        return max((self.data_start + t.offset + GGMLType.of(t.type_id).nbytes(int(np.prod(t.dims)))
+                    for t in self.tensors.values()), default=self.data_start)
+
+
+def read_header(buf, path: Path) -> GGUFHeader:
+    """Tensor infos and the data offset of a GGUF in `buf` (bytes or a mapping)."""
+    if bytes(buf[:4]) != GGUF_MAGIC:
+        raise GGUFFormatError(f"{path} is not a GGUF file")
+    cur = _Cursor(buf, path)
+    cur.pos = 4
+    _version, n_tensors, n_kv = cur.take("I"), cur.take("Q"), cur.take("Q")
+    alignment = DEFAULT_ALIGNMENT
+    for _ in range(n_kv):
+        key, vtype = cur.string(), cur.take("I")
+        if key == ALIGNMENT_KEY and vtype == 4:
+            alignment = cur.take("I")
+        else:
+            cur.skip_value(vtype)
+    tensors = {}
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = tuple(cur.take("Q") for _ in range(cur.take("I")))
+        qtype, offset = cur.take("I"), cur.take("Q")
+        tensors[name] = TensorInfo(name, dims, qtype, offset)
+    return GGUFHeader(tensors, -(-cur.pos // alignment) * alignment)
 
 
 class _Cursor:
@@ -39,8 +146,8 @@ class _Cursor:
         try:
             out = struct.unpack_from("<" + fmt, self.buf, self.pos)
         except struct.error as e:
-            raise GGUFFormatError(f"{self.path} ends inside its GGUF header (truncated download? fetch it again)") \
-                from e
+            msg = f"{self.path} ends inside its GGUF header (truncated download? fetch it again)"
+            raise GGUFFormatError(msg) from e
         self.pos += struct.calcsize("<" + fmt)
         return out[0] if len(out) == 1 else out
 
@@ -71,43 +178,22 @@ class TokenRows:
     """`rows(ids)` -> (len(ids), n_embd) float32, read from the mapped file."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         with open(self.path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        cur = _Cursor(self._map, self.path)
-        if bytes(self._map[:4]) != GGUF_MAGIC:
-            raise GGUFFormatError(f"{self.path} is not a GGUF file")
-        cur.pos = 4
-        _version, n_tensors, n_kv = cur.take("I"), cur.take("Q"), cur.take("Q")
-        alignment = DEFAULT_ALIGNMENT
-        for _ in range(n_kv):
-            key, vtype = cur.string(), cur.take("I")
-            if key == ALIGNMENT_KEY and vtype == 4:
-                alignment = cur.take("I")
-            else:
-                cur.skip_value(vtype)
-        info = None
-        for _ in range(n_tensors):
-            name = cur.string()
-            dims = [cur.take("Q") for _ in range(cur.take("I"))]
-            qtype, offset = cur.take("I"), cur.take("Q")
-            if name == TOKEN_TABLE:
-                info = (dims, qtype, offset)
+        header = read_header(self._map, self.path)
+        info = header.tensors.get(TOKEN_TABLE)
         if info is None:
             raise GGUFFormatError(f"{self.path} has no {TOKEN_TABLE} tensor")
-        data_start = -(-cur.pos // alignment) * alignment
-        dims, qtype, offset = info
-        self.n_embd, self.n_vocab = int(dims[0]), int(dims[1])
-        self.qtype = gguf.GGMLQuantizationType(qtype)
-        block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
-        row_bytes = self.n_embd // block * type_size
-        if data_start + offset + row_bytes * self.n_vocab > len(self._map):
+        self.n_embd, self.n_vocab = int(info.dims[0]), int(info.dims[1])
+        self.type = GGMLType.of(info.type_id)
+        self.qtype = info.type_id
+        self._row_bytes = self.type.nbytes(self.n_embd)
+        start = header.data_start + info.offset
+        if start + self._row_bytes * self.n_vocab > len(self._map):
             raise GGUFFormatError(f"{self.path} is shorter than its token table says (truncated? fetch it again)")
-        self._table = np.frombuffer(self._map, np.uint8, row_bytes * self.n_vocab,
-                                    data_start + offset).reshape(self.n_vocab, row_bytes)
-        self._dequantize = gguf.quants.dequantize
+        self._table = np.frombuffer(self._map, np.uint8, self._row_bytes * self.n_vocab,
+                                    start).reshape(self.n_vocab, self._row_bytes)
 
     def rows(self, ids) -> np.ndarray:
         """Dequantized on each call (4000 Q4_K rows take ~0.15 s, a prefill of them minutes): no cache to grow."""
@@ -116,8 +202,8 @@ class TokenRows:
             return np.zeros((0, self.n_embd), np.float32)
         if idx.min() < 0 or idx.max() >= self.n_vocab:
             raise ValueError(f"token id out of range 0..{self.n_vocab - 1}: {idx[(idx < 0) | (idx >= self.n_vocab)]}")
-        out = self._dequantize(self._table[idx], self.qtype)
-        return np.ascontiguousarray(out, dtype=np.float32).reshape(idx.size, self.n_embd)
+        out = self.type.dequantize(self._table[idx], idx.size * self.n_embd)
+        return out.reshape(idx.size, self.n_embd)
 
     def close(self) -> None:
         self._table = None

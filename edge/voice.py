@@ -69,12 +69,12 @@ def sys_prompt(ref_audio: np.ndarray | None = None, mode: str = "audio_assistant
     if ref_audio is not None:
         ref_audio = check_reference_clip(ref_audio)
     if mode == "omni":
-        content = [t(OMNI_SYSTEM + CLONE_PREFIX), ref_audio, t(ASSISTANT_SUFFIX)] if ref_audio is not None \
-            else [t(OMNI_SYSTEM)]
+        content = ([t(OMNI_SYSTEM + CLONE_PREFIX), ref_audio, t(ASSISTANT_SUFFIX)] if ref_audio is not None
+                   else [t(OMNI_SYSTEM)])
     elif mode in ("audio_assistant", "audio_roleplay"):
         suffix = ASSISTANT_SUFFIX if mode == "audio_assistant" else ROLEPLAY_SUFFIX
-        content = [t(CLONE_PREFIX), ref_audio, t(suffix)] if ref_audio is not None \
-            else [t(DEFAULT_VOICE_TEXT), t(suffix)]
+        content = ([t(CLONE_PREFIX), ref_audio, t(suffix)] if ref_audio is not None
+                   else [t(DEFAULT_VOICE_TEXT), t(suffix)])
     elif mode == "voice_cloning":
         if ref_audio is None:
             raise InvalidInputError("voice_cloning mode needs a reference clip (ref_audio).")

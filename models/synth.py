@@ -213,8 +213,8 @@ def _audio(d: AudioDims, llm_hidden: int) -> list[TensorSpec]:
         out += _ln(f"{p}.self_attn_layer_norm", m) + _lin(f"{p}.fc1", d.ffn, m) + _lin(f"{p}.fc2", m, d.ffn)
         out += _ln(f"{p}.final_layer_norm", m)
     out += _ln("apm.layer_norm", m)
-    return out + _lin("audio_projection_layer.linear1", llm_hidden, d.ffn // 4) + \
-        _lin("audio_projection_layer.linear2", llm_hidden, llm_hidden)
+    return (out + _lin("audio_projection_layer.linear1", llm_hidden, d.ffn // 4)
+            + _lin("audio_projection_layer.linear2", llm_hidden, llm_hidden))
 
 
 def _dvae_coder(p: str, odim: int) -> list[TensorSpec]:
@@ -281,8 +281,8 @@ def vocos_specs() -> list[TensorSpec]:
         out += [TensorSpec(f"{p}.gamma", (dim,), "normal"), TensorSpec(f"{p}.dwconv.weight", (dim, 1, VOCOS_KERNEL)),
                 TensorSpec(f"{p}.dwconv.bias", (dim,)), *_ln(f"{p}.norm", dim), *_lin(f"{p}.pwconv1", VOCOS_FFN, dim),
                 *_lin(f"{p}.pwconv2", dim, VOCOS_FFN)]
-    return out + _ln("backbone.final_layer_norm", dim) + _lin("head.out", VOCOS_N_FFT + 2, dim) + \
-        [TensorSpec("head.istft.window", (VOCOS_N_FFT,), "hann")]
+    return (out + _ln("backbone.final_layer_norm", dim) + _lin("head.out", VOCOS_N_FFT + 2, dim)
+            + [TensorSpec("head.istft.window", (VOCOS_N_FFT,), "hann")])
 
 
 # --- values ---------------------------------------------------------------------------------------------------------
@@ -414,8 +414,8 @@ def _write_weights(root: Path, dims: SynthDims, seed: int, progress: bool) -> No
     by_name = {s.name: s for s in specs}
     assert len(by_name) == len(specs), "duplicate tensor names"
     shards = _plan_shards(specs, dims.shard_bytes)
-    names = [SINGLE_FILE] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = ([SINGLE_FILE] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     total = sum(s.nbytes for s in specs)
     prog = _Progress(total, progress)
     weight_map = {}

@@ -127,8 +127,8 @@ class TokenizerInfo:
 
 def write_json(path: Path, obj, *, compact: bool = False) -> None:
     """UTF-8 JSON as transformers writes it (indent 2, trailing newline), or compact like vocab.json."""
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":")) if compact else \
-        json.dumps(obj, ensure_ascii=False, indent=2)
+    text = (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) if compact
+            else json.dumps(obj, ensure_ascii=False, indent=2))
     path.write_text(text + ("" if compact else "\n"), encoding="utf-8")
 
 

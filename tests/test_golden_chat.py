@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import golden_messages, rel_err
+from tests.helpers import golden_messages, rel_err
 
 CASES = ["text", "image", "audio"]
 TOL = 1e-4  # golden README: float32 implementation, d <= 1e-4 * max|ref|

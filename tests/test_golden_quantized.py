@@ -8,22 +8,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import cosine, golden_messages
+from tests.helpers import cosine, golden_messages
 
 MIN_COSINE = 0.99
 ROWS: list[tuple[str, float, str]] = []
 
 
 @pytest.fixture(scope="module")
-def q_omni(golden_dir, tmp_path_factory):
-    from converters.convert import convert
+def q_omni(golden_bundle, golden_gguf, tmp_path_factory):
+    """The golden bundle's int8 ONNX parts with a q8_0 LLM (the converter's q8_0 GGUF; no second conversion)."""
+    from edge.bundle import Bundle
     from edge.llm import LLMOptions
     from edge.omni import Omni, OmniOptions
+    from tests.helpers import bundle_with_llm
 
-    b = convert(golden_dir / "ckpt", tmp_path_factory.mktemp("q") / "bundle", llm_quant="q8_0", int8=True,
-                progress=False)
-    yield Omni.load(b, OmniOptions(llm=LLMOptions(n_ctx=1024), vision_variant="int8", audio_variant="int8",
-                                   tts_variant="int8"))
+    root = bundle_with_llm(golden_bundle.root, golden_gguf("q8_0"), "q8_0", tmp_path_factory.mktemp("q") / "bundle")
+    yield Omni.load(Bundle.load(root), OmniOptions(llm=LLMOptions(n_ctx=1024), vision_variant="int8",
+                                                   audio_variant="int8", tts_variant="int8"))
     print("\nquantised bundle vs golden (q8_0 LLM, int8 ONNX):")
     for name, cos, extra in ROWS:
         print(f"  {name:34s} cosine {cos:.5f} {extra}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 
 TOL = 1e-4
 

@@ -13,8 +13,14 @@ import pytest
 from PIL import Image
 
 from edge.errors import InvalidInputError
-from edge.image_preprocess import (SliceOptions, image_placeholder, plan_slices, preprocess_image,
-                                   reshape_by_patch, strip_to_patches)
+from edge.image_preprocess import (
+    SliceOptions,
+    image_placeholder,
+    plan_slices,
+    preprocess_image,
+    reshape_by_patch,
+    strip_to_patches,
+)
 from edge.io.images import ImageLoadOptions, load_image
 
 # --- golden -----------------------------------------------------------------------------------------------------
@@ -140,7 +146,8 @@ def test_strip_layout_definition():
     for n in range(h * w):
         py, px = divmod(n, w)
         np.testing.assert_array_equal(strip[:, :, n * p:(n + 1) * p], chw[:, py * p:(py + 1) * p, px * p:(px + 1) * p])
-        np.testing.assert_array_equal(strip_to_patches(strip, p)[n], chw[:, py * p:(py + 1) * p, px * p:(px + 1) * p].ravel())
+        patch = chw[:, py * p:(py + 1) * p, px * p:(px + 1) * p]
+        np.testing.assert_array_equal(strip_to_patches(strip, p)[n], patch.ravel())
 
 
 # --- image loading: bad and odd input -------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 
 from edge.llm import LLM, LLMOptions
 from edge.sampling import SamplingOptions
-from tests.conftest import cosine, rel_err
+from tests.helpers import cosine, rel_err
 
 torch = pytest.importorskip("torch")
 

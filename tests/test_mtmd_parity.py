@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import cosine, rel_err
+from tests.helpers import cosine, rel_err
 
 pytest.importorskip("llama_cpp.mtmd_cpp")
 

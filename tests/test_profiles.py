@@ -8,9 +8,16 @@ import textwrap
 
 import pytest
 
-from edge.profiles import (GIB, Hardware, InsufficientMemoryError, check_fits, detect_profile_name, estimate_memory,
-                           resolve_profile)
-from tests.conftest import REPO
+from edge.profiles import (
+    GIB,
+    Hardware,
+    InsufficientMemoryError,
+    check_fits,
+    detect_profile_name,
+    estimate_memory,
+    resolve_profile,
+)
+from tests.helpers import REPO
 
 LAPTOP = Hardware("Linux", "x86_64", 8, 16 * GIB, 12 * GIB)
 MAC = Hardware("Darwin", "arm64", 10, 32 * GIB, 24 * GIB)
@@ -242,8 +249,8 @@ def test_explicit_options_take_precedence_over_the_profile(golden_bundle):
 
 
 def test_server_and_chat_load_under_the_profile(golden_bundle, monkeypatch, capsys):
-    """serve and chat build their engine with Engine.load: the profile (with the --threads flag and --set) is
-    printed and applied; without a profile the engine loads as before (fp32 graphs, n_ctx 4096)."""
+    """serve (Engine.load) and chat (chat_repl.load_model) load under the profile: the profile (with the --threads
+    flag and --set) is printed and applied; without a profile the engine loads as before (fp32 graphs, n_ctx 4096)."""
     from edge.chat_repl import ChatOptions, ChatSession
     from edge.server.engine import Engine
     from edge.server.settings import ServerSettings
@@ -263,7 +270,7 @@ def test_server_and_chat_load_under_the_profile(golden_bundle, monkeypatch, caps
 
     chat = ChatSession(ChatOptions(bundle=str(golden_bundle.root), profile="laptop", overrides=(("n_ctx", 1024),)))
     try:
-        got = _loaded(chat.engine.omni)
+        got = _loaded(chat.omni)
         assert got["n_ctx"] == 1024 and got["llm_threads"] == 4 and got["vision_file"].endswith("int8.onnx")
     finally:
         chat.close()

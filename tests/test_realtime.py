@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from edge.streaming import expected_prompt_text  # noqa: E402
+from edge.streaming_rules import expected_prompt_text  # noqa: E402
 
 SERVER_MAX_TOKENS = 4000  # long enough that a reply is still running when the test interrupts it
 N_CTX = 4096
@@ -211,10 +211,12 @@ def test_scripted_session_barge_in_and_official_rules(client, engine, sessions, 
     that completes, a unit sent during a reply and a commit that interrupts it: the KV cache equals the official
     rules token for token, every unit was encoded exactly once, and the spoken first reply equals a plain
     StreamingSession run (text and speech samples)."""
-    from edge.orchestrator import DEFAULT_SYSTEM_PROMPT
+    from edge.events import AudioChunk, TextDelta
     from edge.sampling import SamplingOptions
     from edge.server.chat import pcm16
+    from edge.session import SpeechOptions
     from edge.streaming import StreamingSession
+    from edge.voice import OMNI_INSTRUCTIONS as DEFAULT_SYSTEM_PROMPT
 
     png, image = frame
     w = _waves(5)
@@ -284,12 +286,10 @@ def test_scripted_session_barge_in_and_official_rules(client, engine, sessions, 
     sess = StreamingSession(engine.omni)
     for content in ([DEFAULT_SYSTEM_PROMPT], ["<unit>", image, w[0]], [w[1]]):
         sess.streaming_prefill("ref", [{"role": "user", "content": content}])
-    reply = sess.start_reply()
-    text: list[str] = []
-    with engine.speaker(5) as tts:
-        chunks = list(tts.stream(sess.text_pieces(sess.reply_tokens(reply, SamplingOptions(seed=5), max_new_tokens=6),
-                                                  text), reply.spk_hidden))
-    assert tuple(reply.tokens) == replies[0] and "".join(text) == text1
+    events = list(sess.reply(SamplingOptions(seed=5), max_new_tokens=6, speech=SpeechOptions(seed=5)))
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    chunks = [e.pcm for e in events if isinstance(e, AudioChunk)]
+    assert events[-1].tokens == replies[0] and text == text1
     assert pcm16(np.concatenate(chunks)) == speech1
 
 
@@ -326,7 +326,7 @@ def test_http_request_and_second_socket_in_between(client, engine, sessions, fra
         assert live.stream.encoder_calls == {"image": 1, "audio_step": 3, "audio_whole": 0}
         assert text == solo_text and _replies(live) == _replies(sessions[0])
         assert done["usage"] == solo["usage"]
-        from edge.orchestrator import DEFAULT_SYSTEM_PROMPT
+        from edge.voice import OMNI_INSTRUCTIONS as DEFAULT_SYSTEM_PROMPT
 
         ev = [("prefill", "s", "user", DEFAULT_SYSTEM_PROMPT), ("prefill", "s", "user", UNIT_IMG_AUD),
               ("prefill", "s", "user", AUD), ("prefill", "s", "user", AUD), ("generate", REPLY.format(0), False)]
@@ -338,7 +338,8 @@ def test_clear_instructions_reset_and_cancel_before_start(client, engine, sessio
     re-prefilled behind it (the reply equals a fresh session's); a reply cancelled while the model is busy ends at
     once and leaves the turn open; session.reset starts over, with a cloned voice in the official cloning prompt."""
     from edge.sampling import SamplingOptions
-    from edge.streaming import StreamingSession, finish_generate
+    from edge.streaming import StreamingSession
+    from edge.streaming_rules import finish_generate, plan_generate
 
     png, _ = frame
     w = _waves(5)
@@ -365,7 +366,8 @@ def test_clear_instructions_reset_and_cancel_before_start(client, engine, sessio
         assert live.stream.encoder_calls == {"image": 1, "audio_step": 4, "audio_whole": 0}
 
         # the model is busy (held here): a commit waits, its cancel ends it at once, the turn stays open
-        with engine.exclusive(_Other()):
+        with engine.runtime.llm_lock:
+            engine.runtime.kv_owner = _Other()
             ws.send(type="input.text", text="wait")
             ws.recv()
             ws.send(type="input.commit")
@@ -396,8 +398,8 @@ def test_clear_instructions_reset_and_cancel_before_start(client, engine, sessio
         per_second = _audio_tokens(RATE)  # the clip's placeholder: one start/end pair per second (spec §2.3)
         clip_ph = "".join("<|audio_start|>" + "<unk>" * k + "<|audio_end|>"
                           for k in [per_second] * (clip // per_second) + [clip % per_second] if k)
-        opening = f"{brief} Clone the voice in the provided audio prompt.{clip_ph}As an assistant, you will speak " \
-                  "using this voice style."
+        opening = (f"{brief} Clone the voice in the provided audio prompt.{clip_ph}As an assistant, you will speak "
+                   "using this voice style.")
         ev = [("prefill", "t", "user", opening), ("prefill", "t", "user", "fresh start"),
               ("generate", REPLY.format(0), False)]
         assert _cache_ids(engine.omni) == _expected_ids(engine.omni, ev, _replies(live)[-1:])
@@ -407,13 +409,12 @@ def test_clear_instructions_reset_and_cancel_before_start(client, engine, sessio
     sess = StreamingSession(engine.omni)
     for content in ([brief], [w[0]]):
         sess.streaming_prefill("ref", [{"role": "user", "content": content}])
-    reply = sess.start_reply(want_speaker=False)
-    engine.omni.llm.prefill([list(r0)], reuse=False)
-    sess.rules = finish_generate(sess.rules, False)
+    sess.session.extend([sess.generation_prompt().ids, list(r0)])  # the first reply, as the socket had it
+    sess.rules = finish_generate(plan_generate(sess.rules)[0], False)
+    sess.audio_stream.reset()  # as generating the reply does (official Whisper cache rule)
     sess.streaming_prefill("ref", [{"role": "user", "content": [w[3]]}])
-    reply = sess.start_reply(want_speaker=False)
     greedy = SamplingOptions(temperature=0.0, greedy=True)
-    assert tuple(ev.token for ev in sess.reply_tokens(reply, greedy, max_new_tokens=4)) == r1
+    assert list(sess.reply(greedy, max_new_tokens=4))[-1].tokens == r1
 
 
 def test_spoken_request_whose_speech_ends_early_keeps_its_text(engine, monkeypatch):
@@ -421,7 +422,7 @@ def test_spoken_request_whose_speech_ends_early_keeps_its_text(engine, monkeypat
     whole reply as with speech that runs to the end, and text still arrives after the last audio."""
     from edge.sampling import SamplingOptions
     from edge.server.engine import AudioChunk, Job, TextDelta
-    from tests.conftest import end_speech_after, never_stop
+    from tests.helpers import end_speech_after, never_stop
 
     never_stop(monkeypatch)
 

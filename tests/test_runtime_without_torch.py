@@ -1,5 +1,5 @@
-"""The runtime never needs torch: load the golden bundle and chat with image, audio and speech out while
-`import torch` is made to fail."""
+"""The runtime needs no converter extra: load the golden bundle and chat with image, audio and speech out while
+`import torch`, `transformers`, `gguf`, `onnx` and `onnxscript` are made to fail."""
 
 from __future__ import annotations
 
@@ -7,21 +7,23 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SCRIPT = textwrap.dedent("""
     import sys
-    sys.modules["torch"] = None  # any `import torch` now raises ImportError
+    for name in ("torch", "transformers", "gguf", "onnx", "onnxscript", "safetensors"):
+        sys.modules[name] = None  # any import of them now raises ImportError
     import numpy as np
     from PIL import Image
-    from edge.omni import Omni
-    from edge.llm import LLMOptions
-    from edge.omni import OmniOptions
-    omni = Omni.load(sys.argv[1], OmniOptions(llm=LLMOptions(n_ctx=1024)))
+    from edge import Omni
+    from edge.options import LLMOptions, OmniOptions
+    omni = Omni.load(sys.argv[1], OmniOptions(llm=LLMOptions(n_ctx=1024)))  # the load checks the GGUF header
     img = Image.new("RGB", (640, 400), (120, 200, 30))
     wav = (0.3 * np.sin(np.arange(24000) * 0.05)).astype(np.float32)
     r = omni.chat([{"role": "user", "content": [img, wav, "hi"]}], max_new_tokens=4, generate_audio=True, seed=0)
     assert r.audio is not None and r.sampling_rate == 24000
+    chunks = list(omni.chat([{"role": "user", "content": "more"}], max_new_tokens=4, stream=True, generate_audio=True))
+    assert any(c.audio is not None for c in chunks)
     print("OK", len(r.tokens), len(r.audio))
 """)
 

@@ -11,7 +11,7 @@ from edge import streaming_rules as rules
 from edge.constants import AUDIO_SAMPLE_RATE, UNIT_SAMPLES
 from edge.events import Finished, TextDelta
 from edge.sampling import official_sampling
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 
 # The official strings, spelled out here independently of edge/streaming.py (modeling_minicpmo.py
 # streaming_prefill / streaming_generate).
@@ -293,7 +293,7 @@ def test_streaming_generate_text_and_audio(omni):
 def test_streaming_generate_speech_that_ends_early(omni, monkeypatch):
     """The TTS ends its speech after 3 frames: the text chunks still add up to the whole decoded reply."""
     from edge.tts.generate import TTS
-    from tests.conftest import end_speech_after, never_stop
+    from tests.helpers import end_speech_after, never_stop
 
     never_stop(monkeypatch)
     tts = TTS(omni.bundle)

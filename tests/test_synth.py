@@ -55,8 +55,8 @@ def _collapse(name: str) -> str:
 def _shape_rules(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     h, v, a, t = cfg["hidden_size"], cfg["vision_config"], cfg["audio_config"], cfg["tts_config"]
     kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
-    vh, vf, d, af, th, tf = v["hidden_size"], v["intermediate_size"], a["d_model"], a["encoder_ffn_dim"], \
-        t["hidden_size"], t["intermediate_size"]
+    vh, vf, d, af, th, tf = (v["hidden_size"], v["intermediate_size"], a["d_model"], a["encoder_ffn_dim"],
+                             t["hidden_size"], t["intermediate_size"])
     nat, grid = t["num_audio_tokens"], v["image_size"] // v["patch_size"]
     L = r"layers\.\d+\."
     return [
@@ -271,8 +271,8 @@ def test_llm_tokenizer_added_tokens_encode_to_one_id(tiny, golden_dir):
         assert i < vocab_size
     prompt = "<|im_start|>user\n<image><unk></image>hi<unit><|im_end|>\n"
     ids = tok.encode(prompt, add_special_tokens=False).ids
-    assert [added[t] for t in ("<|im_start|>", "<image>", "<unk>", "</image>", "<unit>", "<|im_end|>")] == \
-        [i for i in ids if i in added.values()]
+    assert ([added[t] for t in ("<|im_start|>", "<image>", "<unk>", "</image>", "<unit>", "<|im_end|>")]
+            == [i for i in ids if i in added.values()])
 
 
 def test_llm_tokenizer_structure_and_roundtrip(tiny, golden_dir):
@@ -306,14 +306,14 @@ def test_chattts_tokenizer_matches_golden_structure_and_tts_config(tiny, golden_
     mj, rj = json.loads((d / "tokenizer.json").read_text()), json.loads((gd / "tokenizer.json").read_text())
     for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
         assert mj[k] == rj[k], k
-    assert set(json.loads((d / "tokenizer_config.json").read_text())) == \
-        set(json.loads((gd / "tokenizer_config.json").read_text()))
+    assert (set(json.loads((d / "tokenizer_config.json").read_text()))
+            == set(json.loads((gd / "tokenizer_config.json").read_text())))
     tts = json.loads((tiny / "config.json").read_text())["tts_config"]
     for t in toks.BERT_SPECIAL_TOKENS + toks.CHATTTS_CONTROL_TOKENS:
         assert len(mine.encode(t, add_special_tokens=False).ids) == 1, t
     ids = {t: mine.token_to_id(t) for t in toks.CHATTTS_CONTROL_TOKENS}
-    assert (tts["audio_bos_token_id"], tts["text_eos_token_id"], tts["spk_emb_token_id"]) == \
-        (ids["[Ptts]"], ids["[Etts]"], ids["[spk_emb]"])
+    assert ((tts["audio_bos_token_id"], tts["text_eos_token_id"], tts["spk_emb_token_id"])
+            == (ids["[Ptts]"], ids["[Etts]"], ids["[spk_emb]"]))
     assert mine.get_vocab_size() <= tts["num_text_tokens"]
     assert (d / "vocab.txt").read_text().splitlines() == toks.chattts_vocab()
     prompt = str(golden_ref["tts_prompt"])  # the official prepare_tts_text output

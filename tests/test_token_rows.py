@@ -8,7 +8,7 @@ import pytest
 
 from edge.llm import LLM, LLMOptions
 from edge.token_rows import GGUFFormatError, TokenRows
-from tests.conftest import rel_err
+from tests.helpers import rel_err
 
 IDS = [0, 1, 7, 42, 300, 589]
 

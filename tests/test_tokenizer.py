@@ -11,7 +11,8 @@ from edge import keys
 from edge.llm import LLM, LLMOptions
 
 WORDS = ["hello", "world", "The", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "image", "audio", "don't",
-         "it's", "we'll", "I'm", "they've", "she'd", "MiniCPM", "llama.cpp", "GGUF", "ONNX", "naïve", "café", "Über", "cafe\u0301"]  # the last is NFD: both sides NFC-normalise
+         "it's", "we'll", "I'm", "they've", "she'd", "MiniCPM", "llama.cpp", "GGUF", "ONNX", "naïve", "café", "Über",
+         "cafe\u0301"]  # the last is NFD: both sides NFC-normalise
 CHINESE = ["你好", "世界", "图片里有什么", "请转录这段音频", "北京是中国的首都", "模型", "语音", "。", "，", "！"]
 EMOJI = ["😀", "👍🏽", "🇫🇷", "🤖", "❤️", "👨‍👩‍👧‍👦", "🎉🎉"]
 CODE = ["def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) { a[i] = b[i]; }", "SELECT * FROM t;",

@@ -22,7 +22,7 @@ from edge.bundle import Bundle
 from edge.errors import InvalidInputError
 from edge.image_preprocess import preprocess_image
 from edge.vision import ROLE_FP32_DATA, VisionEncoder, navit_position_ids
-from tests.conftest import cosine, rel_err
+from tests.helpers import cosine, rel_err
 
 EMBED_TOL = 1e-4  # golden README: float32, d <= 1e-4 * max|ref|
 VPM_TOL = 2.5e-4  # see the module docstring (float32 conditioning of the random-weight SigLIP)
@@ -108,7 +108,8 @@ class TorchReference:
         d = self.query.shape[1]
         self.attn = nn.MultiheadAttention(d, d // 128)
         self.attn.load_state_dict({"in_proj_weight": t("attn.in_proj_weight"), "in_proj_bias": t("attn.in_proj_bias"),
-                                   "out_proj.weight": t("attn.out_proj.weight"), "out_proj.bias": t("attn.out_proj.bias")})
+                                   "out_proj.weight": t("attn.out_proj.weight"),
+                                   "out_proj.bias": t("attn.out_proj.bias")})
         self.kv_proj = nn.Linear(vc["hidden_size"], d, bias=False)
         self.kv_proj.weight.data = t("kv_proj.weight")
         self.lns = {}

@@ -82,7 +82,7 @@ def test_streamed_speech_equals_text_reply(golden_omni):
 def test_speech_that_ends_early_keeps_the_whole_text(golden_omni, monkeypatch):
     """The TTS may end its speech (EOS) before the LLM ends its text: the streamed text is still the whole
     reply, and the text after the last audio chunk still arrives."""
-    from tests.conftest import end_speech_after, never_stop
+    from tests.helpers import end_speech_after, never_stop
 
     never_stop(monkeypatch)
     msgs = [golden_omni.get_sys_prompt(None), {"role": "user", "content": "Tell me something."}]

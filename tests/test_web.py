@@ -402,8 +402,8 @@ def test_live_turn_then_barge_in(browser, stack, tmp_path):
         frames, units = content[0::2], content[1::2]
         assert len(frames) == len(units) == len(audio_msgs)
         assert all(f.size == FAKE_CAMERA for f in frames)
-        assert np.abs(np.asarray(frames[0], float) - np.asarray(frames[-1], float)).mean() > 1.0, \
-            "frames of different seconds must differ (the fake camera animates)"
+        assert np.abs(np.asarray(frames[0], float) - np.asarray(frames[-1], float)).mean() > 1.0, (
+            "frames of different seconds must differ (the fake camera animates)")
         heard = np.concatenate(units)
         assert all(len(u) == 16000 for u in units[:-1])
         assert abs(dominant_hz(heard, 16000) - TONE_HZ) < 2.0, "the page must resample the microphone to 16 kHz"
@@ -418,7 +418,8 @@ def test_live_turn_then_barge_in(browser, stack, tmp_path):
         chunks = contiguous(s["schedule"], rid)
         assert len(chunks) == len(run["pcm"]) == s["audioChunksScheduled"]
         assert sum(c["duration"] for c in chunks) == pytest.approx(len(pcm) / TTS_RATE, abs=1e-6)
-        assert p.page.locator(f'li[data-reply="{rid}"] .text').inner_text().strip() == text.strip()  # the DOM may keep edge whitespace of a random reply
+        # the DOM may keep edge whitespace of a random reply
+        assert p.page.locator(f'li[data-reply="{rid}"] .text').inner_text().strip() == text.strip()
         p.wait("() => window.edgeDemo.stats.audioChunksEnded >= 1", what="the first speech chunk to play out")
         # latency on the page: client-side times include the server's own
         t = rec["timing"]
@@ -670,7 +671,7 @@ def test_voice_clone_and_image_upload(browser, stack, golden_dir, tmp_path):
     import soundfile as sf
     from PIL import Image
 
-    from edge.server.engine import CLONE_PROMPT
+    from edge.voice import CLONE_PREFIX
 
     clip_rate, clip_s, clip_hz = 22050, 3.0, 300.0  # a rate the page must resample
     t = np.arange(int(clip_s * clip_rate)) / clip_rate
@@ -698,7 +699,7 @@ def test_voice_clone_and_image_upload(browser, stack, golden_dir, tmp_path):
         msgs = runs[n]["job"].messages
         def is_clone(m) -> bool:
             c = m["content"]
-            return isinstance(c, list) and bool(c) and isinstance(c[0], str) and c[0] == CLONE_PROMPT[0]
+            return isinstance(c, list) and bool(c) and isinstance(c[0], str) and c[0] == CLONE_PREFIX
 
         clone = [m for m in msgs if is_clone(m)]
         assert len(clone) == 1

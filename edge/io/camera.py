@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edge.errors import InvalidInputError
+from edge.errors import DeviceError, InvalidInputError
 
 log = logging.getLogger("edge.camera")
 
@@ -55,7 +55,7 @@ class Camera:
         if not self._cap.isOpened():
             self._cap.release()
             what = f"video file {src}" if self.is_file else f"camera {src}"
-            raise RuntimeError(f"cannot open {what}. Check the device (ls /dev/video*) or file, pass another "
+            raise DeviceError(f"cannot open {what}. Check the device (ls /dev/video*) or file, pass another "
                                "--camera, or run with --no-camera.")
         if not self.is_file:
             self._cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # we want the newest frame, not a queue of old ones
@@ -77,7 +77,7 @@ class Camera:
             return None
         try:
             frame = self._read_file() if self.is_file else self._read_device()
-        except Exception as e:  # a driver error is a lost camera, not a crash
+        except Exception as e:  # noqa: BLE001 - a driver error is a lost camera, not a crash
             self._lose(f"camera error: {e}")
             return None
         return frame
@@ -127,7 +127,7 @@ class Camera:
     def close(self) -> None:
         try:
             self._cap.release()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import InvalidInputError, ModelFilesNotFoundError
+from edge.errors import DeviceError, InvalidInputError, ModelFilesNotFoundError
 
 SAMPLE_RATE = 16000  # Whisper's input rate
 PACKET_SAMPLES = 512  # silero-vad window at 16 kHz (32 ms)
@@ -63,12 +63,12 @@ class MicrophoneSource:
             try:
                 import sounddevice as sd
             except OSError as e:
-                raise RuntimeError("no audio input: the PortAudio library is missing (Debian: apt-get install "
+                raise DeviceError("no audio input: the PortAudio library is missing (Debian: apt-get install "
                                    "libportaudio2). Use an audio file as microphone (--mic-file).") from e
             try:
                 sd.query_devices(o.device, kind="input")
             except Exception as e:
-                raise RuntimeError(f"no microphone found ({e}). Plug one in, pick another with --mic "
+                raise DeviceError(f"no microphone found ({e}). Plug one in, pick another with --mic "
                                    "(`python -m sounddevice` lists devices), or use --mic-file FILE.") from e
             stream_factory = sd.InputStream
         try:
@@ -76,7 +76,7 @@ class MicrophoneSource:
                                           blocksize=PACKET_SAMPLES, device=o.device, callback=self._callback)
             self._stream.start()
         except Exception as e:
-            raise RuntimeError(f"cannot open the microphone at 16 kHz mono ({e}). Pick another device (--mic) or "
+            raise DeviceError(f"cannot open the microphone at 16 kHz mono ({e}). Pick another device (--mic) or "
                                "use --mic-file FILE.") from e
 
     def _callback(self, indata, frames, time_info, status) -> None:
@@ -110,7 +110,7 @@ class MicrophoneSource:
         try:
             self._stream.stop()
             self._stream.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
 
 
@@ -242,7 +242,8 @@ class VadSegmenter:
 
     def __init__(self, options: SegmenterOptions | None = None):
         self.options = o = options or SegmenterOptions()
-        self._window: collections.deque[bool] = collections.deque(maxlen=max(1, round(o.window_seconds / PACKET_SECONDS)))
+        window = max(1, round(o.window_seconds / PACKET_SECONDS))
+        self._window: collections.deque[bool] = collections.deque(maxlen=window)
         self._need = o.speech_start_seconds / PACKET_SECONDS
         self._end = max(1, round(o.end_silence_seconds / PACKET_SECONDS))
         self.speaking = False

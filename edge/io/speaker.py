@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.constants import TTS_SAMPLE_RATE
-from edge.errors import InvalidInputError
-
+from edge.errors import DeviceError, InvalidInputError
 
 
 def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
@@ -63,7 +62,7 @@ class SpeakerSink:
             try:
                 import sounddevice as sd
             except OSError as e:  # PortAudio missing
-                raise RuntimeError("no audio output: the PortAudio library is missing (Debian: apt-get install "
+                raise DeviceError("no audio output: the PortAudio library is missing (Debian: apt-get install "
                                    "libportaudio2). Use --no-speech or write the reply to a WAV file.") from e
             stream_factory = sd.OutputStream
         try:
@@ -71,7 +70,7 @@ class SpeakerSink:
                                           blocksize=o.block_frames, device=o.device, callback=self._callback)
             self._stream.start()
         except Exception as e:
-            raise RuntimeError(f"cannot open the speaker ({e}). Pick another device (--speaker), or use "
+            raise DeviceError(f"cannot open the speaker ({e}). Pick another device (--speaker), or use "
                                "--no-speech / a WAV file sink.") from e
 
     def push(self, chunk: np.ndarray) -> None:
@@ -128,7 +127,7 @@ class SpeakerSink:
         try:
             self._stream.stop()
             self._stream.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
 
 

@@ -32,12 +32,22 @@ import numpy as np
 
 from edge.sampling import SamplingOptions
 from edge.server.engine import AudioChunk, Finished, Job, PromptReady, TextDelta
-from edge.voice import clone_message
 from edge.server.errors import APIError, bad_request, from_exception
 from edge.server.settings import ServerSettings
-from edge.server.types import (AssistantMessage, AudioData, ChatCompletion, ChatCompletionChunk,
-                               ChatCompletionRequest, Choice, ChunkChoice, CompletionTokensDetails, Delta,
-                               PromptTokensDetails, Usage)
+from edge.server.types import (
+    AssistantMessage,
+    AudioData,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    CompletionTokensDetails,
+    Delta,
+    PromptTokensDetails,
+    Usage,
+)
+from edge.voice import clone_message
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 # The built-in voice names of OpenAI's API: accepted as aliases of this model's own voice so that existing
@@ -240,7 +250,7 @@ async def sse_stream(events, first: PromptReady, plan: ChatPlan, model: str):
             if plan.include_usage:
                 yield _sse(ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
                                                usage=usage(first, finished.completion_tokens)))
-    except Exception as e:  # the response has started: report in-band, as OpenAI does
+    except Exception as e:  # noqa: BLE001 - the response has started: report in-band, as OpenAI does
         yield _sse(from_exception(e).body())
     finally:
         await events.aclose()

@@ -216,6 +216,10 @@ class Engine:
         finally:
             cancel.set()
 
+    def run_sync(self, job: Job, on_event, cancel: threading.Event | None = None) -> Finished:
+        """Run a job in the calling thread, without the admission queue (tests, one-user tools)."""
+        return self._generate(job, on_event, cancel or threading.Event())
+
     def _work(self, job: Job, emit, cancel: threading.Event) -> None:
         outcome = "failed"
         try:
@@ -224,7 +228,7 @@ class Engine:
             with self._stats_lock:
                 self.stats.completion_tokens += finished.completion_tokens
             emit(finished)
-        except BaseException as e:  # handed to the request; the worker thread must survive
+        except BaseException as e:  # noqa: BLE001 - handed to the request; the worker thread must survive
             emit(e)
         finally:
             with self._stats_lock:

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import hmac
 import logging
+from typing import TYPE_CHECKING
 
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from edge.errors import (
+    ContextLengthExceededError,
+    CorruptModelFileError,
+    EdgeError,
+    InvalidInputError,
+    ModelFilesNotFoundError,
+)
 
-from edge.errors import (ContextLengthExceededError, CorruptModelFileError, EdgeError, InvalidInputError,
-                         ModelFilesNotFoundError)
+if TYPE_CHECKING:  # the web stack stays optional for importers of this module (engine, chat REPL)
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
 
 log = logging.getLogger("edge.server")
 

@@ -68,8 +68,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge import keys
+from edge.constants import AUDIO_SAMPLE_RATE as AUDIO_RATE
+from edge.constants import TTS_SAMPLE_RATE, UNIT_SAMPLES, UNIT_SECONDS
+from edge.content import FRAME_PROMPT
 from edge.server import chat as chatlib
-from edge.constants import AUDIO_SAMPLE_RATE as AUDIO_RATE, TTS_SAMPLE_RATE, UNIT_SAMPLES, UNIT_SECONDS
 from edge.server.engine import AudioChunk, Engine, Finished, Job, PromptReady, TextDelta
 from edge.server.errors import APIError, bad_request, format_validation, from_exception, key_matches
 from edge.server.jsonbody import parse_json
@@ -77,7 +79,6 @@ from edge.server.live_session import LiveSession
 from edge.server.media import MediaDecoder, decode_base64, decode_data_url
 from edge.server.settings import ServerSettings
 from edge.server.types import Seed
-from edge.content import FRAME_PROMPT
 from edge.streaming_rules import UNIT_MARKER
 from edge.voice import OMNI_INSTRUCTIONS, clone_message
 
@@ -176,7 +177,7 @@ class RealtimeSession:
         try:
             async with self._send_lock:
                 await self.ws.send_text(json.dumps(msg, ensure_ascii=False))
-        except Exception:  # the client is gone; the receive loop notices and ends the session
+        except Exception:  # noqa: BLE001 - the client is gone; the receive loop notices and ends the session
             self._closed = True
 
     async def send_error(self, e: BaseException) -> None:
@@ -201,7 +202,7 @@ class RealtimeSession:
             op = await self._ops.get()
             try:
                 await op()
-            except Exception as e:  # e.g. a unit that does not fit the context: reported, the session goes on
+            except Exception as e:  # noqa: BLE001 - e.g. a unit that does not fit the context: reported, the session goes on
                 await self.send_error(e)
 
     # --- main loop ---------------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ class RealtimeSession:
                     continue
                 try:
                     await self.handle(parse_json(msg["text"]))
-                except Exception as e:  # one bad message must not end the session
+                except Exception as e:  # noqa: BLE001 - one bad message must not end the session
                     await self.send_error(e)
         finally:
             self._closed = True
@@ -425,7 +426,7 @@ class RealtimeSession:
                     status = "interrupted" if ev.finish_reason == "interrupted" else "completed"
         except asyncio.CancelledError:
             status = "interrupted"
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - reported to the client; the socket goes on
             status = "failed"
             await self.send_error(e)
         finally:

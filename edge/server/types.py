@@ -205,8 +205,3 @@ class ModelCard(_Out):
 class ModelList(_Out):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class Transcription(_Out):
-    text: str
-    usage: dict[str, Any] | None = None

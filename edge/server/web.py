@@ -17,7 +17,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from edge import keys
-from edge.constants import AUDIO_SAMPLE_RATE as AUDIO_RATE, RANDOM_WEIGHTS_NOTICE, TTS_SAMPLE_RATE, UNIT_SECONDS
+from edge.constants import AUDIO_SAMPLE_RATE as AUDIO_RATE
+from edge.constants import RANDOM_WEIGHTS_NOTICE, TTS_SAMPLE_RATE, UNIT_SECONDS
 from edge.server.settings import ServerSettings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"

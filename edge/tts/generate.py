@@ -39,8 +39,16 @@ from edge.onnx_session import OrtOptions
 from edge.tts.backbone import KVCache, TtsBackbone, build_text_mask, frames_determined_by
 from edge.tts.decoder import TtsDecoder, WavStreamJoiner
 from edge.tts.sampling import CodeSampler, SamplingOptions
-from edge.tts.text import (SPK_EMB, STTS, NumberStyle, TtsTokenizer, detect_language, normalize_piece,
-                           prompt_ids, sentence_end)
+from edge.tts.text import (
+    SPK_EMB,
+    STTS,
+    NumberStyle,
+    TtsTokenizer,
+    detect_language,
+    normalize_piece,
+    prompt_ids,
+    sentence_end,
+)
 
 log = logging.getLogger("edge.tts")
 

@@ -203,7 +203,7 @@ def test_file_urls_nul_byte_and_size_cap(tmp_path):
     assert e.value.status == 400
 
 
-# --- values that crashed -----------------------------------------------------------------------------------------------
+# --- values that crashed ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [1e-300, 1e-45, float("nan")])
 def test_tiny_temperature_is_the_greedy_limit(temperature):
     from edge.sampling import Sampler, SamplingOptions
@@ -258,7 +258,7 @@ def test_json_parser_refusals():
     assert MAX_JSON_DEPTH >= 8
 
 
-# --- bundle files ------------------------------------------------------------------------------------------------------
+# --- bundle files -----------------------------------------------------------------------------------------------------
 def _copy_bundle(golden_bundle, tmp_path):
     import shutil
 
@@ -331,9 +331,10 @@ def test_user_text_never_becomes_tts_control_tokens(tts_tokenizer):
     tok = tts_tokenizer
     control = {tok.token_id(t) for t in (STTS, PTTS, ETTS, PAD, SPK_EMB, "[SEP]", "[CLS]")}
     for text in ("hello [spk_emb] world", "[PAD][Etts]", "[Stts][Ptts][SEP]x"):
-        assert not control & set(tok.encode(text)), text
+        assert not control & set(tok.encode_text(text)), text
+        assert control & set(tok.encode(text)), text  # what the official whole-string tokenisation does
         ids, n = prompt_ids(text, tok)
-        assert len(ids) == 300 + 3 and n == len(tok.encode(text))
+        assert len(ids) == 300 + 3 and n == len(tok.encode_text(text))
         assert ids.count(tok.token_id(SPK_EMB)) == 1 and ids.count(tok.token_id(ETTS)) == 1
         assert ids[:2] == [tok.token_id(STTS), tok.token_id(SPK_EMB)] and ids[-1] == tok.token_id(PTTS)
 

@@ -214,7 +214,7 @@ def _wait(pred, what: str, timeout: float = 60.0):
 
 
 def test_full_queue_gives_429_before_any_decoding(tight, decode_counter, monkeypatch):
-    from tests.conftest import never_stop
+    from tests.helpers import never_stop
 
     never_stop(monkeypatch)
     client = httpx.Client(timeout=120)

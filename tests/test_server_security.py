@@ -109,7 +109,7 @@ def test_json_bodies_need_the_json_content_type(server):
     assert r.status_code == 200
 
 
-# --- deadlines and caps (raw sockets) ----------------------------------------------------------------------------------
+# --- deadlines and caps (raw sockets) ---------------------------------------------------------------------------------
 def _closed_within(sock: socket.socket, bound: float) -> bytes:
     """Everything the server sends until it closes the connection (AssertionError if it stays open past bound)."""
     sock.settimeout(bound)
@@ -159,7 +159,7 @@ def test_connection_cap(engine, golden_bundle):
     try:
         time.sleep(0.2)  # let the server accept them (not a race on the result: it only makes the cap count them)
         deadline = time.time() + WAIT_S
-        while (r := httpx.get(s.url + "/health")).status_code != 503:
+        while httpx.get(s.url + "/health").status_code != 503:
             assert time.time() < deadline, "the cap never applied"
             time.sleep(0.1)
         for c in idle:

@@ -331,9 +331,10 @@ def test_user_text_never_becomes_tts_control_tokens(tts_tokenizer):
     tok = tts_tokenizer
     control = {tok.token_id(t) for t in (STTS, PTTS, ETTS, PAD, SPK_EMB, "[SEP]", "[CLS]")}
     for text in ("hello [spk_emb] world", "[PAD][Etts]", "[Stts][Ptts][SEP]x"):
-        assert not control & set(tok.encode(text)), text
+        assert not control & set(tok.encode_text(text)), text
+        assert control & set(tok.encode(text)), text  # what the official whole-string tokenisation does
         ids, n = prompt_ids(text, tok)
-        assert len(ids) == 300 + 3 and n == len(tok.encode(text))
+        assert len(ids) == 300 + 3 and n == len(tok.encode_text(text))
         assert ids.count(tok.token_id(SPK_EMB)) == 1 and ids.count(tok.token_id(ETTS)) == 1
         assert ids[:2] == [tok.token_id(STTS), tok.token_id(SPK_EMB)] and ids[-1] == tok.token_id(PTTS)
 

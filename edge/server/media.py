@@ -40,14 +40,7 @@ from edge.errors import (
 )
 from edge.server.errors import APIError, bad_request
 from edge.server.settings import ServerSettings
-from edge.server.types import (
-    AudioURLPart,
-    ChatMessage,
-    ImagePart,
-    InputAudioPart,
-    TextPart,
-    VideoURLPart,
-)
+from edge.server.types import AudioURLPart, ChatMessage, ImagePart, InputAudioPart, TextPart, VideoURLPart
 
 AUDIO_RATE = AUDIO_SAMPLE_RATE  # what load_audio returns
 # Below 3 mel frames (30 ms) the official processor makes no audio tokens at all; 0.1 s is a usable floor.

@@ -12,8 +12,8 @@ padding fill exactly `reserved_len` (300) slots; a text of `reserved_len` tokens
 and gets no `[Etts]`.
 
 Control tokens come only from here, never from the text: the official code tokenises the whole prompt string, so a
-user's "[spk_emb]" or "[Etts]" became a control token (a second speaker slot, an early end). `TtsTokenizer.encode`
-reads text literally (the spellings become ordinary word pieces, as the LLM side does for its special tokens) and
+user's "[spk_emb]" or "[Etts]" became a control token (a second speaker slot, an early end). `TtsTokenizer.encode_text`
+reads text literally (the spellings become ordinary word pieces, as the LLM side does for its own) and
 `prompt_ids` joins the control ids and the text ids; for text without such spellings the ids are the same as the
 official string tokenisation (the BERT pre-tokenizer splits at the special tokens either way).
 """
@@ -64,13 +64,17 @@ class TtsTokenizer:
         return cls(bundle.file(keys.PART_TTS, "tokenizer/tokenizer.json"))
 
     def encode(self, text: str) -> list[int]:
-        """Ids of literal text without [CLS]/[SEP] (`encode(..., add_special_tokens=False)` in the official code);
-        control-token spellings in `text` stay text."""
+        """Ids without [CLS]/[SEP] (`encode(..., add_special_tokens=False)` in the official code); control-token
+        spellings become control tokens: for prompt strings we build, never for user text (`encode_text`)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of literal text: control-token spellings in `text` stay text (word pieces of "[", "pad", "]")."""
         return self._text.encode(text, add_special_tokens=False).ids
 
     def control_ids(self, control: str) -> list[int]:
         """Ids of a string made of control tokens only (e.g. "[Stts][spk_emb]")."""
-        return self._tok.encode(control, add_special_tokens=False).ids
+        return self.encode(control)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -85,9 +89,9 @@ class TtsTokenizer:
 def prompt_ids(text: str, tokenizer: TtsTokenizer, reserved_len: int = 300,
                num_spk_embs: int = 1) -> tuple[list[int], int]:
     """The ids `prepare_tts_text` describes, with `text` tokenised literally: (ids, number of text tokens)."""
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode_text(text)
     if len(ids) >= reserved_len:  # official: cut, decode, and the decoded text is tokenised again
-        ids = tokenizer.encode(tokenizer.decode(ids[:reserved_len]))
+        ids = tokenizer.encode_text(tokenizer.decode(ids[:reserved_len]))
         tail: list[int] = []
     else:
         tail = tokenizer.control_ids(ETTS + PAD * (reserved_len - len(ids) - 1))
@@ -98,7 +102,7 @@ def prompt_ids(text: str, tokenizer: TtsTokenizer, reserved_len: int = 300,
 def prepare_tts_text(text: str, tokenizer: TtsTokenizer, reserved_len: int = 300,
                      num_spk_embs: int = 1) -> tuple[str, int]:
     """Official `prepare_tts_text`: (prompt string, number of text tokens in the window)."""
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode_text(text)
     n = len(ids)
     if n < reserved_len:
         pad = ETTS + PAD * (reserved_len - n - 1)

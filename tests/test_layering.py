@@ -18,7 +18,8 @@ LAYERS: list[tuple[str, set[str]]] = [
                 "edge.image_preprocess", "edge.audio_features", "edge.audio_encoder", "edge.vision", "edge.tts",
                 "edge.io"}),
     ("prompt, content, official rules, profiles", {"edge.prompt", "edge.chat_template", "edge.content",
-                                                   "edge.streaming_rules", "edge.voice", "edge.turns", "edge.governor", "edge.profiles"}),
+                                                   "edge.streaming_rules", "edge.voice", "edge.turns", "edge.governor",
+                                                   "edge.profiles"}),
     ("runtime", {"edge.runtime"}),
     ("session", {"edge.session", "edge.streaming"}),
     ("facade", {"edge.omni", "edge"}),  # the package root: `from edge import Omni`

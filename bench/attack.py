@@ -116,8 +116,9 @@ def post(srv, path, *, json_body=None, content=None, headers=None, files=None, d
     return r.status_code, r.text[:160]
 
 
-def slow_send(srv, head: bytes, trickle: bytes, hold: float = HOLD_S) -> tuple[str, str]:
+def slow_send(srv, head: bytes, trickle: bytes, hold: float | None = None) -> tuple[str, str]:
     """Send `head`, then one byte of `trickle` per second; report when the server closed the connection."""
+    hold = HOLD_S if hold is None else hold
     s = socket.create_connection(("127.0.0.1", srv.port))
     s.sendall(head)
     t0 = time.time()
@@ -206,7 +207,7 @@ def cases(srv, media: Path) -> dict:
         "slow_headers": lambda: slow_send(srv, b"GET /health HTTP/1.1\r\n", b"X-a: b\r\n" * 100),
         "slow_body": lambda: slow_send(srv, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n", b"{" * 1000),
-        "idle_socket": lambda: ws_case(srv, None, idle=HOLD_S),
+        "idle_socket": lambda: ws_case(srv, None, idle=HOLD_S),  # HOLD_S read at call time (--hold)
         "twenty_rejected_heavy": lambda: [post(srv, "/v1/chat/completions",
                                                json_body=image_msg(*[data_url("image/png", big)] * 10))
                                           for _ in range(20)][-1],
@@ -214,11 +215,14 @@ def cases(srv, media: Path) -> dict:
 
 
 def main(argv=None) -> None:
+    global HOLD_S
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--serve-args", default="", help="extra `serve` arguments")
+    ap.add_argument("--hold", type=float, default=HOLD_S, help="seconds a slow / idle connection is watched")
     a = ap.parse_args(argv)
+    HOLD_S = a.hold
     media = Path(tempfile.mkdtemp(prefix="attack-media-"))
     srv = Server(str(media), a.serve_args.split())
     results = {}

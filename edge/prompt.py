@@ -200,8 +200,8 @@ class PromptBuilder:
             if isinstance(a, tuple):
                 _, kind, idx = a
                 pos = len(prompt.ids)
-                if prompt.spans and prompt.spans[-1].end == pos and prompt.spans[-1].media_index == idx \
-                        and prompt.spans[-1].kind == kind:
+                if (prompt.spans and prompt.spans[-1].end == pos and prompt.spans[-1].media_index == idx
+                        and prompt.spans[-1].kind == kind):
                     last = prompt.spans.pop()
                     prompt.spans.append(Span(last.start, pos + 1, kind, idx))
                 else:
